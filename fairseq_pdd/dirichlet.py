@@ -1,0 +1,75 @@
+"""Dirichlet parametrization of a student's logits and the Proxy-Dirichlet target (pure torch).
+
+Notation (one target position; K classes):
+    alpha_k = f(z_k) + model_offset,  f = exp ("exp") or softplus ("softplus"),
+    a0 = sum_k alpha_k (the precision),  phat = alpha / a0 (the predictive mean).
+
+``f(z)`` is clamped to ``[ALPHA_MIN, ALPHA_MAX / K]`` so that digamma/trigamma of alpha and lgamma
+of a0 stay finite in float32 for any logit; the gradient is zero where the clamp binds (as for
+``torch.clamp``). The authors' code divided the bound by the sequence length instead of K.
+"""
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+#: Added to the denominators of losses (the authors' value, float32 machine epsilon).
+EPS_LOSS = 1.19e-7
+#: Added inside logarithms of uncertainty measures.
+EPS_UNCERTAINTY = 1e-10
+
+PARAMETRIZATIONS = ("exp", "softplus")
+TARGET_CONCENTRATIONS = ("mkl", "epkl")
+
+#: Bounds on f(z): trigamma(ALPHA_MIN) ~ 1e26 and lgamma(ALPHA_MAX) ~ 8e20 are finite in float32.
+ALPHA_MIN = math.exp(-30.0)
+ALPHA_MAX = math.sqrt(torch.finfo(torch.float32).max)
+
+
+def alpha_and_derivative(
+    z: torch.Tensor,
+    parametrization: str = "exp",
+    offset: float = 0.0,
+    need_derivative: bool = True,
+    num_classes: Optional[int] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Dirichlet parameters ``alpha = clamp(f(z)) + offset`` (N, K) and ``d alpha / d z`` (N, K).
+
+    The derivative is None when ``need_derivative`` is False. ``num_classes`` (default: the last
+    dimension of ``z``) sets the clamp, for callers that pass a subset of a row.
+    """
+    upper = ALPHA_MAX / (num_classes or z.shape[-1])
+    if parametrization == "exp":
+        raw = z.exp()
+        derivative = raw if need_derivative else None
+    elif parametrization == "softplus":
+        raw = F.softplus(z)
+        derivative = torch.sigmoid(z) if need_derivative else None
+    else:
+        raise ValueError(f"unknown parametrization {parametrization!r}; choose from {PARAMETRIZATIONS}")
+    clamped = raw.clamp(ALPHA_MIN, upper)
+    if need_derivative:
+        derivative = torch.where(clamped == raw, derivative, torch.zeros_like(derivative))
+    return clamped + offset, derivative
+
+
+def concentrations(
+    z: torch.Tensor, parametrization: str = "exp", offset: float = 0.0, num_classes: Optional[int] = None
+) -> torch.Tensor:
+    """Differentiable ``alpha`` (..., K) from logits (..., K), with the same clamp as the losses."""
+    return alpha_and_derivative(z, parametrization, offset, False, num_classes)[0]
+
+
+def proxy_precision(
+    mkl: torch.Tensor, epkl: torch.Tensor, num_classes: int, mode: str = "mkl"
+) -> torch.Tensor:
+    """Proxy precision from ensemble disagreement (N,).
+
+    ``beta0 = (K - 1) / (2 MKL + eps)`` ("mkl") or ``(K - 1) / (EPKL + eps)`` ("epkl").
+    """
+    if mode == "mkl":
+        return (num_classes - 1) / (2 * mkl + EPS_LOSS)
+    if mode == "epkl":
+        return (num_classes - 1) / (epkl + EPS_LOSS)
+    raise ValueError(f"unknown target concentration {mode!r}; choose from {TARGET_CONCENTRATIONS}")

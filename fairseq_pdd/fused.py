@@ -1,0 +1,85 @@
+"""A per-token loss whose gradient is computed in the forward pass, chunk by chunk.
+
+Every distillation loss here is a function of one row of student logits ``z`` (K,) and some
+detached per-token targets. Its kernel also returns the log-normaliser of the student's predictive
+(``log a0`` for a Dirichlet, ``logsumexp(z)`` for a softmax), so the reference NLL and the precision
+are logged without another pass over (N, K). Autograd would keep several (N, K) intermediates alive per loss
+(exp, lgamma, digamma, ...). Instead each loss supplies a *kernel* that returns the loss value and
+its closed-form gradient ``dL/dz`` for a chunk of rows; only that gradient (N, K) is kept for the
+backward pass, and the temporaries live for one chunk at a time. Peak memory is therefore
+``logits + gradient + O(chunk * K)`` whatever the loss.
+
+Computation is in float32 (or float64 when the logits are float64, which the gradient checks use);
+float16/bfloat16 logits are upcast per chunk.
+"""
+from typing import Callable, Optional, Tuple
+
+import torch
+
+#: Elements of one (rows x K) chunk; bounds the temporaries of a kernel (16 MiB per fp32 tensor).
+CHUNK_ELEMENTS = 1 << 22
+
+Kernel = Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs, the input dtype for float32/float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, kernel, need_grad, *targets):
+        n, k = logits.shape
+        dtype = compute_dtype(logits.dtype)
+        rows = max(1, CHUNK_ELEMENTS // max(k, 1))
+        loss = logits.new_empty(n, dtype=dtype)
+        log_norm = logits.new_empty(n, dtype=dtype)
+        # fp16 gradients would underflow before the loss scale multiplies them: keep fp32.
+        grad_dtype = torch.float32 if logits.dtype == torch.float16 else logits.dtype
+        grad = logits.new_empty(n, k, dtype=grad_dtype) if need_grad else None
+        for start in range(0, n, rows):
+            sl = slice(start, start + rows)
+            chunk_targets = [t[sl].to(dtype) for t in targets]
+            chunk_loss, chunk_grad, chunk_log_norm = kernel(
+                logits[sl].to(dtype), *chunk_targets, need_grad=need_grad
+            )
+            loss[sl] = chunk_loss
+            log_norm[sl] = chunk_log_norm
+            if need_grad:
+                grad[sl] = chunk_grad
+        ctx.grad = grad
+        ctx.num_targets = len(targets)
+        ctx.mark_non_differentiable(log_norm)
+        return loss, log_norm
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_log_norm):
+        grad = ctx.grad
+        ctx.grad = None
+        grad_logits = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
+        return (grad_logits, None, None) + (None,) * ctx.num_targets
+
+
+def chunked_token_loss(
+    kernel: Kernel, logits: torch.Tensor, *targets: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``kernel`` row-chunk by row-chunk; return the per-token loss (N,) and log-normaliser (N,).
+
+    Args:
+        kernel: ``kernel(z, *targets, need_grad) -> (loss (n,), dL/dz (n, K) or None,
+            log-normaliser (n,))``, pure torch, with ``z`` and the targets already in the compute
+            dtype.
+        logits: (N, K) student logits; differentiable.
+        targets: tensors with leading dimension N (detached teacher statistics).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"expected (N, K) logits, got shape {tuple(logits.shape)}")
+    for t in targets:
+        if t.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"target rows ({t.shape[0]}) do not match logit rows ({logits.shape[0]})"
+            )
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    targets = tuple(t.detach() for t in targets)
+    return _ChunkedTokenLoss.apply(logits, kernel, need_grad, *targets)

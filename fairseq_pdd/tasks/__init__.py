@@ -1,0 +1,1 @@
+from fairseq_pdd.tasks import distillation  # noqa: F401  (registers the tasks)

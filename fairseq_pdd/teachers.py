@@ -1,0 +1,150 @@
+"""The frozen teacher ensemble: safe loading, dictionary checks, streamed statistics (fairseq glue).
+
+Teachers are loaded from fairseq checkpoints (weights-only, see :mod:`fairseq_pdd.checkpoints`)
+and built against the student task's dictionaries, so their outputs index the same classes. They
+live on the student's device in eval mode, never enter the optimizer or the student's checkpoint,
+and run under ``torch.inference_mode()``. Statistics are accumulated member by member
+(:mod:`fairseq_pdd.ensemble_stats`), so memory grows with M only by the teachers' weights.
+"""
+import logging
+import os
+import re
+from typing import List, Optional, Sequence
+
+import torch
+from fairseq.data import Dictionary
+from fairseq.models import build_model
+from omegaconf import OmegaConf
+
+from fairseq_pdd.checkpoints import load_checkpoint
+from fairseq_pdd.ensemble_stats import EnsembleAccumulator, EnsembleStatistics
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TeacherError(ValueError):
+    """A teacher checkpoint does not fit the task (dictionary, vocabulary) or gives bad outputs."""
+
+
+def split_paths(paths: Optional[str]) -> List[str]:
+    """``a.pt:b.pt`` or ``a.pt,b.pt`` -> ``['a.pt', 'b.pt']``; empty or None -> ``[]``."""
+    return [p for p in re.split(r"[:,]", paths or "") if p.strip()]
+
+
+def _teacher_dictionaries(cfg, path: str):
+    """The teacher's own dictionaries ``{lang: Dictionary}`` from its data directory, if still there."""
+    task_cfg = cfg.task
+    data = getattr(task_cfg, "data", None)
+    if not data:
+        return {}
+    data_dir = str(data).split(":")[0]
+    found = {}
+    for lang in (getattr(task_cfg, "source_lang", None), getattr(task_cfg, "target_lang", None)):
+        dict_path = os.path.join(data_dir, f"dict.{lang}.txt")
+        if lang and os.path.isfile(dict_path):
+            found[lang] = Dictionary.load(dict_path)
+    if not found:
+        logger.warning(
+            "teacher %s: its data directory %s is not readable here; checking vocabulary sizes only",
+            path,
+            data_dir,
+        )
+    return found
+
+
+def _check_dictionary(path: str, role: str, theirs: Dictionary, ours: Dictionary) -> None:
+    if theirs.symbols != ours.symbols:
+        diff = next(
+            (i for i, (a, b) in enumerate(zip(theirs.symbols, ours.symbols)) if a != b),
+            min(len(theirs), len(ours)),
+        )
+        raise TeacherError(
+            f"teacher {path} was trained with a different {role} dictionary "
+            f"({len(theirs)} symbols vs the data's {len(ours)}; first difference at index {diff}). "
+            "Binarise the student's data with the teachers' dictionaries (fairseq-preprocess "
+            "--srcdict/--tgtdict)."
+        )
+
+
+def _check_embedding_size(path: str, state_dict: dict, key: str, role: str, expected: int) -> None:
+    if key in state_dict and state_dict[key].shape[0] != expected:
+        raise TeacherError(
+            f"teacher {path} has a {role} vocabulary of {state_dict[key].shape[0]} entries "
+            f"but the task's {role} dictionary has {expected}"
+        )
+
+
+def load_teacher(path: str, task):
+    """Build one teacher from ``path`` against ``task``'s dictionaries, weights-only, in eval mode."""
+    state = load_checkpoint(path)
+    cfg = state.get("cfg")
+    if cfg is None:
+        raise TeacherError(f"teacher {path} has no 'cfg' (a checkpoint from a very old fairseq?)")
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    own = _teacher_dictionaries(cfg, path)
+    for role, ours, lang in (
+        ("source", task.source_dictionary, getattr(cfg.task, "source_lang", None)),
+        ("target", task.target_dictionary, getattr(cfg.task, "target_lang", None)),
+    ):
+        if lang in own and ours is not None:
+            _check_dictionary(path, role, own[lang], ours)
+    weights = state["model"]
+    _check_embedding_size(path, weights, "encoder.embed_tokens.weight", "source", len(task.source_dictionary))
+    _check_embedding_size(path, weights, "decoder.embed_tokens.weight", "target", len(task.target_dictionary))
+    model = build_model(cfg.model, task)
+    try:
+        model.load_state_dict(weights, strict=True, model_cfg=cfg.model)
+    except RuntimeError as e:
+        raise TeacherError(f"teacher {path} does not fit its architecture: {e}") from e
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class TeacherEnsemble:
+    """M frozen teachers that give :class:`EnsembleStatistics` at a batch's target positions."""
+
+    def __init__(self, models: Sequence[torch.nn.Module], paths: Sequence[str], dtype: torch.dtype):
+        self.models = list(models)
+        self.paths = list(paths)
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def load(cls, paths: Sequence[str], task, dtype: torch.dtype = torch.float32) -> "TeacherEnsemble":
+        if not paths:
+            raise TeacherError("no teacher checkpoints given (--ensemble-paths is empty)")
+        models = [load_teacher(p, task).to(dtype) for p in paths]
+        logger.info("loaded %d teachers (%s): %s", len(models), dtype, ", ".join(paths))
+        return cls(models, paths, dtype)
+
+    def to(self, device: torch.device) -> "TeacherEnsemble":
+        if device != self.device:
+            self.models = [m.to(device) for m in self.models]
+            self.device = device
+        return self
+
+    @torch.inference_mode()
+    def statistics(self, sample: dict, mask: torch.Tensor) -> EnsembleStatistics:
+        """Streamed statistics over the positions where ``mask`` (B, T) is True, in row-major order.
+
+        Raises :class:`TeacherError` naming the teacher and the sample ids if any teacher's
+        log-probabilities are not finite (one device sync per batch).
+        """
+        self.to(mask.device)
+        acc = EnsembleAccumulator()
+        finite = []
+        for model in self.models:
+            logits = model(**sample["net_input"])[0][mask]
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            finite.append(torch.isfinite(log_probs).all())
+            acc.add(log_probs)
+        finite = torch.stack(finite).tolist()
+        if not all(finite):
+            bad = [p for p, ok in zip(self.paths, finite) if not ok]
+            ids = sample.get("id")
+            ids = ids.tolist()[:20] if ids is not None else "unknown"
+            raise TeacherError(f"non-finite teacher outputs from {', '.join(bad)} on sample ids {ids}")
+        return acc.finalize()

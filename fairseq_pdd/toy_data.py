@@ -1,0 +1,60 @@
+"""A synthetic translation corpus with genuine ambiguity, for the demo and the tests.
+
+Source words ``s0 .. s{V-1}`` translate word by word, in reversed order, to target words. A fraction
+of the source words is *ambiguous*: each occurrence translates to one of two target words at
+random, so a well-trained model is uncertain exactly there (data uncertainty), while members of an
+ensemble agree on it. The files are plain text, one sentence per line, the layout
+``fairseq-preprocess`` reads (``{split}.{src}`` / ``{split}.{tgt}``).
+"""
+import os
+import random
+from typing import Dict, List, Sequence, Tuple
+
+
+def make_lexicon(vocab_size: int, ambiguous_fraction: float, rng: random.Random) -> Dict[str, List[str]]:
+    """Maps every source word to its one or two target words."""
+    lexicon = {}
+    for i in range(vocab_size):
+        choices = [f"t{i}"]
+        if rng.random() < ambiguous_fraction:
+            choices.append(f"u{i}")
+        lexicon[f"s{i}"] = choices
+    return lexicon
+
+
+def translate(source: Sequence[str], lexicon: Dict[str, List[str]], rng: random.Random) -> List[str]:
+    """A reference translation: each word's translation, drawn at random if ambiguous, reversed."""
+    return [rng.choice(lexicon[w]) for w in reversed(source)]
+
+
+def sample_sentence(vocab_size: int, rng: random.Random, min_len: int, max_len: int) -> List[str]:
+    return [f"s{rng.randrange(vocab_size)}" for _ in range(rng.randint(min_len, max_len))]
+
+
+def write_corpus(
+    out_dir: str,
+    splits: Dict[str, int],
+    vocab_size: int = 40,
+    ambiguous_fraction: float = 0.25,
+    min_len: int = 3,
+    max_len: int = 8,
+    src: str = "src",
+    tgt: str = "tgt",
+    seed: int = 1,
+) -> Tuple[str, Dict[str, List[str]]]:
+    """Write ``{split}.{src}`` / ``{split}.{tgt}`` for each ``split: num_sentences``.
+
+    Returns the directory and the lexicon used.
+    """
+    rng = random.Random(seed)
+    lexicon = make_lexicon(vocab_size, ambiguous_fraction, rng)
+    os.makedirs(out_dir, exist_ok=True)
+    for split, count in splits.items():
+        with open(os.path.join(out_dir, f"{split}.{src}"), "w") as fs, open(
+            os.path.join(out_dir, f"{split}.{tgt}"), "w"
+        ) as ft:
+            for _ in range(count):
+                sentence = sample_sentence(vocab_size, rng, min_len, max_len)
+                fs.write(" ".join(sentence) + "\n")
+                ft.write(" ".join(translate(sentence, lexicon, rng)) + "\n")
+    return out_dir, lexicon

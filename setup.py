@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+# fairseq: `ve-fairseq` is a wheel of fairseq main that imports on Python 3.11/3.12 (the PyPI
+# `fairseq==0.12.2` sdist does not). To keep a fairseq you built yourself, install it first and then
+# this package with `pip install --no-deps -e .` (see the README).
+setup(
+    name="fairseq_pdd",
+    version="0.1.0",
+    description="Ensemble distribution distillation (PD-EnD2 and baselines) for fairseq sequence models",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fairseq_pdd", "fairseq_pdd.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "torchaudio",
+        "ve-fairseq==0.12.3",
+        "sacrebleu>=2.0",
+        "sentencepiece",
+        "numpy",
+        "scikit-learn",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "fairseq-pdd-user-dir = fairseq_pdd.cli:print_user_dir",
+        ]
+    },
+)
