@@ -18,6 +18,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from fairseq_pdd.fused import compute_dtype
+
 
 @dataclass
 class EnsembleStatistics:
@@ -55,12 +57,16 @@ class EnsembleAccumulator:
         self._sum_log_probs: Optional[torch.Tensor] = None
         self._sum_entropy: Optional[torch.Tensor] = None
         self._count = 0
+        self._finalized = False
 
     def add(self, log_probs: torch.Tensor) -> None:
-        """Add one member's log-probabilities (N, K); upcast to float32 here."""
-        log_probs = log_probs.float()
+        """Add one member's log-probabilities (N, K); half precision is upcast to float32."""
+        if self._finalized:
+            raise RuntimeError("EnsembleAccumulator.add() after finalize(); start a new accumulator")
+        log_probs = log_probs.to(compute_dtype(log_probs.dtype))
         probs = log_probs.exp()
-        entropy = -(probs * log_probs).sum(-1)
+        # 0 * log 0 = 0: a class with probability 0 (log-probability -inf) adds no entropy.
+        entropy = -(probs * log_probs.clamp(min=torch.finfo(log_probs.dtype).min)).sum(-1)
         if self._count == 0:
             self._sum_probs, self._sum_log_probs, self._sum_entropy = probs, log_probs.clone(), entropy
         else:
@@ -78,6 +84,7 @@ class EnsembleAccumulator:
         if self._count == 0:
             raise ValueError("no ensemble member was added")
         m = self._count
+        self._finalized = True
         mean_probs = self._sum_probs.div_(m)
         mean_log_probs = self._sum_log_probs.div_(m)
         self._sum_probs = self._sum_log_probs = None

@@ -56,7 +56,6 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_log_norm):
         grad = ctx.grad
-        ctx.grad = None
         grad_logits = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
         return (grad_logits, None, None) + (None,) * ctx.num_targets
 

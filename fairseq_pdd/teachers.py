@@ -12,7 +12,7 @@ import re
 from typing import List, Optional, Sequence
 
 import torch
-from fairseq.data import Dictionary
+from fairseq.data import Dictionary, data_utils
 from fairseq.models import build_model
 from omegaconf import OmegaConf
 
@@ -34,24 +34,21 @@ def split_paths(paths: Optional[str]) -> List[str]:
 
 
 def _teacher_dictionaries(cfg, path: str):
-    """The teacher's own dictionaries ``{lang: Dictionary}`` from its data directory, if still there."""
-    task_cfg = cfg.task
-    data = getattr(task_cfg, "data", None)
-    if not data:
-        return {}
-    data_dir = str(data).split(":")[0]
-    found = {}
-    for lang in (getattr(task_cfg, "source_lang", None), getattr(task_cfg, "target_lang", None)):
-        dict_path = os.path.join(data_dir, f"dict.{lang}.txt")
-        if lang and os.path.isfile(dict_path):
-            found[lang] = Dictionary.load(dict_path)
-    if not found:
+    """The teacher's own ``(source, target)`` dictionaries from its data directory, if still there."""
+    data = getattr(cfg.task, "data", None)
+    data_dir = str(data).split(":")[0] if data else ""
+    src, tgt = getattr(cfg.task, "source_lang", None), getattr(cfg.task, "target_lang", None)
+    if os.path.isdir(data_dir) and (src is None or tgt is None):
+        src, tgt = data_utils.infer_language_pair(data_dir)
+    paths = [os.path.join(data_dir, f"dict.{lang}.txt") for lang in (src, tgt)]
+    if src is None or not all(os.path.isfile(p) for p in paths):
         logger.warning(
-            "teacher %s: its data directory %s is not readable here; checking vocabulary sizes only",
+            "teacher %s: its dictionaries in %r are not readable here; checking vocabulary sizes only",
             path,
             data_dir,
         )
-    return found
+        return None
+    return tuple(Dictionary.load(p) for p in paths)
 
 
 def _check_dictionary(path: str, role: str, theirs: Dictionary, ours: Dictionary) -> None:
@@ -84,12 +81,9 @@ def load_teacher(path: str, task):
         raise TeacherError(f"teacher {path} has no 'cfg' (a checkpoint from a very old fairseq?)")
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     own = _teacher_dictionaries(cfg, path)
-    for role, ours, lang in (
-        ("source", task.source_dictionary, getattr(cfg.task, "source_lang", None)),
-        ("target", task.target_dictionary, getattr(cfg.task, "target_lang", None)),
-    ):
-        if lang in own and ours is not None:
-            _check_dictionary(path, role, own[lang], ours)
+    if own is not None:
+        _check_dictionary(path, "source", own[0], task.source_dictionary)
+        _check_dictionary(path, "target", own[1], task.target_dictionary)
     weights = state["model"]
     _check_embedding_size(path, weights, "encoder.embed_tokens.weight", "source", len(task.source_dictionary))
     _check_embedding_size(path, weights, "decoder.embed_tokens.weight", "target", len(task.target_dictionary))

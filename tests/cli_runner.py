@@ -1,0 +1,82 @@
+"""Run fairseq's real command-line tools in subprocesses, as a user would."""
+import os
+import re
+import subprocess
+import sys
+from typing import List, Sequence
+
+from fairseq_pdd.cli import user_dir
+
+BIN = os.path.dirname(sys.executable)
+
+#: A tiny Transformer that learns the toy task in seconds on a CPU.
+TINY_TRANSFORMER = [
+    "--arch", "transformer",
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
+    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+    "--share-decoder-input-output-embed", "--dropout", "0.1",
+]
+TRAIN_COMMON = [
+    "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "50",
+    "--max-tokens", "500", "--cpu", "--no-progress-bar", "--log-format", "simple", "--log-interval", "50",
+    "--no-epoch-checkpoints", "--num-workers", "0",
+]
+
+
+class CommandFailed(AssertionError):
+    pass
+
+
+def run(tool: str, args: Sequence[str], cwd: str, expect_failure: bool = False) -> subprocess.CompletedProcess:
+    """Run ``tool`` from the venv's bin directory; fail the test with its output if it fails."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run(
+        [os.path.join(BIN, tool), *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    if expect_failure:
+        if proc.returncode == 0:
+            raise CommandFailed(f"{tool} succeeded but was expected to fail:\n{proc.stderr[-3000:]}")
+    elif proc.returncode != 0:
+        raise CommandFailed(f"{tool} {' '.join(map(str, args))} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def preprocess(raw_dir: str, dest: str, cwd: str, extra: Sequence[str] = ()) -> str:
+    run(
+        "fairseq-preprocess",
+        ["--source-lang", "src", "--target-lang", "tgt",
+         "--trainpref", f"{raw_dir}/train", "--validpref", f"{raw_dir}/valid", "--testpref", f"{raw_dir}/test",
+         "--destdir", dest, "--joined-dictionary", "--workers", "1", *extra],
+        cwd,
+    )
+    return dest
+
+
+def train(data: str, save_dir: str, cwd: str, extra: Sequence[str], expect_failure: bool = False):
+    """fairseq-train with the tiny model; returns the process (stdout has the log)."""
+    return run(
+        "fairseq-train",
+        [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TRAIN_COMMON, "--save-dir", save_dir, *extra],
+        cwd,
+        expect_failure,
+    )
+
+
+def valid_losses(log: str) -> List[float]:
+    """The per-epoch validation losses from a fairseq-train log."""
+    return [float(x) for x in re.findall(r"valid on 'valid' subset \| loss ([-\d.]+)", log)]
+
+
+def generate_bleu(data: str, path: str, cwd: str, extra: Sequence[str] = ()) -> float:
+    """fairseq-generate with beam 5 and sacrebleu; returns the BLEU score."""
+    proc = run(
+        "fairseq-generate",
+        [data, "--user-dir", user_dir(), "--path", path, "--beam", "5", "--batch-size", "64",
+         "--scoring", "sacrebleu", "--cpu", *extra],
+        cwd,
+    )
+    match = re.search(r"BLEU = ([\d.]+)", proc.stdout + proc.stderr)
+    assert match, f"no BLEU line in fairseq-generate output:\n{proc.stdout[-2000:]}"
+    return float(match.group(1))

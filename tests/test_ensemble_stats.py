@@ -1,0 +1,155 @@
+"""Streamed ensemble statistics against brute force over a stacked (M, N, K) ensemble, and the proxy precision."""
+import pytest
+import torch
+from torch.distributions import Categorical, kl_divergence
+
+from fairseq_pdd import dirichlet
+from fairseq_pdd.ensemble_stats import EnsembleAccumulator, ensemble_statistics
+
+
+def member_log_probs(m, n=4, k=50, seed=0, scale=3.0):
+    """(M, N, K) float32 log-probabilities of M members: log-softmax of random logits."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, n, k, generator=g) * scale).log_softmax(-1)
+
+
+def brute_force(log_probs):
+    """Every statistic of DESIGN.md section 2 in float64 from the whole (M, N, K) stack."""
+    log_probs = log_probs.double()
+    members = Categorical(logits=log_probs)
+    pbar = log_probs.exp().mean(0)
+    mean = Categorical(probs=pbar)
+    mlog = log_probs.mean(0)
+    expected_entropy = members.entropy().mean(0)
+    entropy_of_expected = mean.entropy()
+    return dict(
+        mean_probs=pbar,
+        mean_log_probs=mlog,
+        expected_entropy=expected_entropy,
+        entropy_of_expected=entropy_of_expected,
+        mutual_information=entropy_of_expected - expected_entropy,
+        epkl=-(pbar * mlog).sum(-1) - expected_entropy,
+        mkl=torch.stack([kl_divergence(mean, Categorical(logits=lp)) for lp in log_probs]).mean(0),
+    )
+
+
+def streamed(stats):
+    return dict(
+        mean_probs=stats.mean_probs,
+        mean_log_probs=stats.mean_log_probs,
+        expected_entropy=stats.expected_entropy,
+        entropy_of_expected=stats.entropy_of_expected,
+        mutual_information=stats.mutual_information,
+        epkl=stats.epkl,
+        mkl=stats.mkl,
+    )
+
+
+def assert_statistics_close(got, want, atol=2e-5):
+    for key, value in want.items():
+        torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("k", [7, 1000])
+@pytest.mark.parametrize("m", [1, 2, 5])
+def test_streamed_statistics_match_brute_force(m, k):
+    log_probs = member_log_probs(m, k=k, seed=m)
+    stats = ensemble_statistics(iter(log_probs))
+    assert stats.num_models == m and stats.num_classes == k
+    assert stats.mean_probs.dtype == torch.float32 and stats.mean_log_probs.dtype == torch.float32
+    assert_statistics_close(streamed(stats), brute_force(log_probs))
+
+
+def test_accumulator_adds_members_one_at_a_time():
+    log_probs = member_log_probs(4, seed=1)
+    acc = EnsembleAccumulator()
+    for member in log_probs:
+        acc.add(member)
+    assert_statistics_close(streamed(acc.finalize()), brute_force(log_probs))
+
+
+def test_members_are_not_modified():
+    log_probs = member_log_probs(3, seed=2)
+    before = log_probs.clone()
+    stats = ensemble_statistics(list(log_probs))
+    assert torch.equal(log_probs, before)
+    assert not any(stats.mean_log_probs.data_ptr() == lp.data_ptr() for lp in log_probs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_members_are_accumulated_in_float32(dtype):
+    log_probs = member_log_probs(3, seed=3).to(dtype)
+    stats = streamed(ensemble_statistics(log_probs))
+    want = streamed(ensemble_statistics(log_probs.float()))
+    for key, value in want.items():
+        assert stats[key].dtype == torch.float32, key
+        assert torch.equal(stats[key], value), key
+
+
+def test_single_member_has_no_disagreement():
+    log_probs = member_log_probs(1, k=1000, seed=4)
+    stats = ensemble_statistics(log_probs)
+    for disagreement in (stats.mutual_information, stats.mkl, stats.epkl):
+        torch.testing.assert_close(disagreement, torch.zeros_like(disagreement), rtol=0, atol=1e-5)
+    torch.testing.assert_close(stats.entropy_of_expected, stats.expected_entropy)
+
+
+@pytest.mark.parametrize("m", [2, 5])
+def test_epkl_is_the_mean_kl_over_all_ordered_pairs(m):
+    """EPKL = (1/M^2) sum_{m, m'} KL(p_m || p_m') (self-pairs included) = (M-1)/M * mean over m != m'."""
+    log_probs = member_log_probs(m, seed=5).double()
+    pairs = torch.stack(
+        [
+            kl_divergence(Categorical(logits=log_probs[i]), Categorical(logits=log_probs[j]))
+            for i in range(m)
+            for j in range(m)
+            if i != j
+        ]
+    )
+    stats = ensemble_statistics(log_probs.float())
+    torch.testing.assert_close(stats.epkl.double(), pairs.sum(0) / m**2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats.epkl.double(), pairs.mean(0) * (m - 1) / m, rtol=1e-5, atol=1e-5)
+
+
+def test_disagreement_ordering():
+    """0 <= MI <= EPKL, and MKL >= 0, for any ensemble (Jensen)."""
+    stats = ensemble_statistics(member_log_probs(5, seed=6))
+    assert (stats.mutual_information >= -1e-6).all()
+    assert (stats.epkl >= stats.mutual_information - 1e-6).all()
+    assert (stats.mkl >= -1e-6).all()
+    assert (stats.mutual_information > 1e-2).all()
+
+
+def test_shape_mismatch_raises():
+    acc = EnsembleAccumulator()
+    acc.add(torch.zeros(3, 5).log_softmax(-1))
+    with pytest.raises(ValueError, match=r"member 1 .*\(3, 6\).*\(3, 5\)"):
+        acc.add(torch.zeros(3, 6).log_softmax(-1))
+
+
+@pytest.mark.parametrize("members", [[], iter(())])
+def test_no_members_raises(members):
+    with pytest.raises(ValueError, match="no ensemble member"):
+        ensemble_statistics(members)
+
+
+def test_finalize_without_members_raises():
+    with pytest.raises(ValueError, match="no ensemble member"):
+        EnsembleAccumulator().finalize()
+
+
+@pytest.mark.parametrize("mode", dirichlet.TARGET_CONCENTRATIONS)
+def test_proxy_precision_formula(mode):
+    stats = ensemble_statistics(member_log_probs(5, k=50, seed=7))
+    k = stats.num_classes
+    beta0 = dirichlet.proxy_precision(stats.mkl, stats.epkl, k, mode)
+    disagreement = 2 * stats.mkl if mode == "mkl" else stats.epkl
+    torch.testing.assert_close(beta0, (k - 1) / (disagreement + dirichlet.EPS_LOSS), rtol=1e-6, atol=0)
+    assert beta0.shape == stats.mkl.shape and (beta0 > 0).all()
+
+
+@pytest.mark.parametrize("mode", dirichlet.TARGET_CONCENTRATIONS)
+def test_proxy_precision_without_disagreement_is_finite(mode):
+    zero = torch.zeros(3)
+    beta0 = dirichlet.proxy_precision(zero, zero, 10, mode)
+    torch.testing.assert_close(beta0, torch.full((3,), 9 / dirichlet.EPS_LOSS))
