@@ -25,6 +25,7 @@ setup(
     entry_points={
         "console_scripts": [
             "fairseq-pdd-user-dir = fairseq_pdd.cli:print_user_dir",
+            "fairseq-pdd-toy-data = fairseq_pdd.toy_data:main",
         ]
     },
 )

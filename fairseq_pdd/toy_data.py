@@ -58,3 +58,29 @@ def write_corpus(
                 fs.write(" ".join(sentence) + "\n")
                 ft.write(" ".join(translate(sentence, lexicon, rng)) + "\n")
     return out_dir, lexicon
+
+
+def main(argv=None) -> None:
+    """``fairseq-pdd-toy-data OUT_DIR``: write the synthetic corpus (train/valid/test)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--train", type=int, default=2000, help="training sentences")
+    parser.add_argument("--valid", type=int, default=100)
+    parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--vocab-size", type=int, default=40)
+    parser.add_argument("--ambiguous-fraction", type=float, default=0.25)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    write_corpus(
+        args.out_dir,
+        {"train": args.train, "valid": args.valid, "test": args.test},
+        vocab_size=args.vocab_size,
+        ambiguous_fraction=args.ambiguous_fraction,
+        seed=args.seed,
+    )
+
+
+if __name__ == "__main__":
+    main()
