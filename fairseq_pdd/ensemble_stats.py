@@ -36,17 +36,19 @@ class EnsembleStatistics:
     def num_classes(self) -> int:
         return self.mean_probs.shape[-1]
 
+    # The three differences are >= 0 in exact arithmetic; float32 rounding can make them -1e-7
+    # where members agree, which would turn the proxy precision (K-1)/(2 MKL + eps) negative.
     @property
     def mutual_information(self) -> torch.Tensor:
-        return self.entropy_of_expected - self.expected_entropy
+        return (self.entropy_of_expected - self.expected_entropy).clamp_(min=0.0)
 
     @property
     def epkl(self) -> torch.Tensor:
-        return self.cross_entropy - self.expected_entropy
+        return (self.cross_entropy - self.expected_entropy).clamp_(min=0.0)
 
     @property
     def mkl(self) -> torch.Tensor:
-        return self.cross_entropy - self.entropy_of_expected
+        return (self.cross_entropy - self.entropy_of_expected).clamp_(min=0.0)
 
 
 class EnsembleAccumulator:

@@ -135,6 +135,7 @@ class TeacherEnsemble:
             log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             finite.append(torch.isfinite(log_probs).all())
             acc.add(log_probs)
+            del logits, log_probs  # free this member's (N, K) buffers before the next runs
         finite = torch.stack(finite).tolist()
         if not all(finite):
             bad = [p for p, ok in zip(self.paths, finite) if not ok]

@@ -1,5 +1,6 @@
 """End to end through the real fairseq CLI: teachers -> distilled students -> fairseq-generate + sacrebleu."""
 import os
+import re
 
 import pytest
 from cli_runner import generate_bleu, train, valid_losses
@@ -58,3 +59,17 @@ def test_teachers_decode_as_ensemble(toy_mt):
     """fairseq-generate loads the teachers (weights-only, through the plugin) as an ensemble."""
     bleu = generate_bleu(toy_mt.data, ":".join(toy_mt.teachers), toy_mt.root)
     assert bleu > toy_mt.untrained_bleu + 5
+
+
+def valid_stat(log, key):
+    """The last validation value of ``key`` in a fairseq-train log."""
+    lines = [line for line in log.splitlines() if "valid on 'valid' subset" in line]
+    return float(re.search(rf"\| {key} ([-\d.]+)", lines[-1]).group(1))
+
+
+@pytest.mark.parametrize("flag", ["--fp16-ensemble", "--bf16-ensemble"])
+def test_half_precision_teachers(toy_mt, kd_student, flag):
+    """Teachers in fp16/bf16 give the same validation statistics as in fp32, to their precision."""
+    _, log = distil(toy_mt, "rkl_dirichlet_proxy_distillation", f"student{flag}", 1, [flag, "--max-update", "2"])
+    for key in ("ensemble_mkl", "ensemble_epkl"):
+        assert valid_stat(log, key) == pytest.approx(valid_stat(kd_student[1], key), rel=0.05), key

@@ -153,3 +153,12 @@ def test_proxy_precision_without_disagreement_is_finite(mode):
     zero = torch.zeros(3)
     beta0 = dirichlet.proxy_precision(zero, zero, 10, mode)
     torch.testing.assert_close(beta0, torch.full((3,), 9 / dirichlet.EPS_LOSS))
+
+
+def test_agreeing_members_give_non_negative_disagreement():
+    """float32 rounding must not make MKL/EPKL/MI negative (a negative MKL flips the proxy precision)."""
+    member = torch.log_softmax(torch.randn(2000, 800, generator=torch.Generator().manual_seed(0)) * 5, -1)
+    stats = ensemble_statistics([member, member.clone()])
+    for value in (stats.mkl, stats.epkl, stats.mutual_information):
+        assert (value >= 0).all()
+    assert (dirichlet.proxy_precision(stats.mkl, stats.epkl, 800, "mkl") > 0).all()
