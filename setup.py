@@ -26,6 +26,7 @@ setup(
         "console_scripts": [
             "fairseq-pdd-user-dir = fairseq_pdd.cli:print_user_dir",
             "fairseq-pdd-toy-data = fairseq_pdd.toy_data:main",
+            "fairseq-pdd-evaluate = fairseq_pdd.evaluation.cli:main",
         ]
     },
 )
