@@ -28,21 +28,29 @@ from fairseq_pdd.dirichlet import alpha_and_derivative
 from fairseq_pdd.fused import chunked_token_loss
 
 
+def _digamma_gap(p, p0):
+    """``psi(p_k) - psi(p0)`` (n, K): ``E[log pi_k]`` under ``Dir(p)``."""
+    return torch.digamma(p) - torch.digamma(p0).unsqueeze(-1)
+
+
+def _dirichlet_kl(p, p0, q, q0, p_gap):
+    """``KL(Dir(p) || Dir(q)) = lnG(p0) - sum lnG(p_k) - lnG(q0) + sum lnG(q_k) + sum (p_k - q_k) p_gap_k``."""
+    return (
+        torch.lgamma(p0)
+        - torch.lgamma(p).sum(-1)
+        - torch.lgamma(q0)
+        + torch.lgamma(q).sum(-1)
+        + ((p - q) * p_gap).sum(-1)
+    )
+
+
 def _rkl_kernel(z, pbar, scale, *, parametrization, offset, need_grad):
     alpha, e = alpha_and_derivative(z, parametrization, offset, need_grad)
     a0 = alpha.sum(-1)
     scale = scale.unsqueeze(-1)
     beta = scale * pbar + 1.0
     b0 = beta.sum(-1)
-    digamma_gap = torch.digamma(alpha) - torch.digamma(a0).unsqueeze(-1)
-    kl = (
-        torch.lgamma(a0)
-        - torch.lgamma(alpha).sum(-1)
-        - torch.lgamma(b0)
-        + torch.lgamma(beta).sum(-1)
-        + ((alpha - beta) * digamma_gap).sum(-1)
-    )
-    loss = kl / scale.squeeze(-1)
+    loss = _dirichlet_kl(alpha, a0, beta, b0, _digamma_gap(alpha, a0)) / scale.squeeze(-1)
     if not need_grad:
         return loss, None, a0.log()
     grad = (alpha - beta) * torch.polygamma(1, alpha)
@@ -55,17 +63,11 @@ def _fkl_kernel(z, pbar, precision, *, parametrization, offset, target_offset, n
     a0 = alpha.sum(-1)
     beta = precision.unsqueeze(-1) * pbar + target_offset
     b0 = beta.sum(-1)
-    target_gap = torch.digamma(beta) - torch.digamma(b0).unsqueeze(-1)
-    kl = (
-        torch.lgamma(b0)
-        - torch.lgamma(beta).sum(-1)
-        - torch.lgamma(a0)
-        + torch.lgamma(alpha).sum(-1)
-        + ((beta - alpha) * target_gap).sum(-1)
-    )
+    target_gap = _digamma_gap(beta, b0)
+    kl = _dirichlet_kl(beta, b0, alpha, a0, target_gap)
     if not need_grad:
         return kl, None, a0.log()
-    grad = torch.digamma(alpha) - torch.digamma(a0).unsqueeze(-1) - target_gap
+    grad = _digamma_gap(alpha, a0) - target_gap
     return kl, grad.mul_(e), a0.log()
 
 
@@ -75,7 +77,7 @@ def _nll_kernel(z, mean_log_probs, *, parametrization, offset, need_grad):
     loss = torch.lgamma(alpha).sum(-1) - torch.lgamma(a0) - ((alpha - 1.0) * mean_log_probs).sum(-1)
     if not need_grad:
         return loss, None, a0.log()
-    grad = torch.digamma(alpha) - torch.digamma(a0).unsqueeze(-1) - mean_log_probs
+    grad = _digamma_gap(alpha, a0) - mean_log_probs
     return loss, grad.mul_(e), a0.log()
 
 
