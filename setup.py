@@ -27,6 +27,7 @@ setup(
             "fairseq-pdd-user-dir = fairseq_pdd.cli:print_user_dir",
             "fairseq-pdd-toy-data = fairseq_pdd.toy_data:main",
             "fairseq-pdd-evaluate = fairseq_pdd.evaluation.cli:main",
+            "fairseq-pdd-generate = fairseq_pdd.generate:cli_main",
         ]
     },
 )

@@ -348,7 +348,7 @@ def test_cli_end_to_end_two_systems(decodes, tmp_path, capsys):
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["systems"]) == {"ensemble", "student"}
-    assert rep["config"]["nbest"] == "all" and rep["config"]["negated_measures"] == ["score", "log_prob"]
+    assert rep["config"]["nbest"] == "all" and rep["config"]["negated_measures"] == ["score", "log_prob", "ep_log_prob"]
     for name, res in rep["systems"].items():
         assert set(res["ood"]) == {"perm", "de"}
         sections = ("quality", "ood_quality", "ood", "ood_reference", "error_detection", "token_error_detection",

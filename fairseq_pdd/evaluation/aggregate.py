@@ -2,7 +2,7 @@
 
 **Convention.** Every metric in this package reads a measure as *higher = more uncertain*. Each key of
 a record's ``"sequence"`` (and ``"token"``) dict is used as is, except the names in ``negated``
-(default :data:`DEFAULT_NEGATED`: ``"score"`` and ``"log_prob"``, where *lower* means more uncertain),
+(default :data:`DEFAULT_NEGATED`: ``"score"``, ``"log_prob"`` and ``"ep_log_prob"``, where *lower* means more uncertain),
 which are multiplied by -1 before any metric sees them. The report keeps the original key names and
 records the negated set in its ``config``.
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from .io import DecodeSet, Record
 
-DEFAULT_NEGATED = ("score", "log_prob")  #: measures where LOWER means more uncertain
+DEFAULT_NEGATED = ("score", "log_prob", "ep_log_prob")  #: measures where LOWER means more uncertain
 WEIGHTINGS = ("bs", "mc")
 WEIGHT_KEYS = ("log_prob", "score")
 

@@ -1,0 +1,248 @@
+"""``fairseq-pdd-generate``: fairseq-generate plus uncertainty measures for every hypothesis.
+
+It runs fairseq's own ``fairseq_cli.generate`` (same options, same S-/T-/H-/D-/P- lines and scorer)
+with three hooks installed for the duration of the run:
+
+* after the checkpoints are loaded, the model kind is decided: one checkpoint trained with a
+  Dirichlet criterion is a *Dirichlet student* (its predictive, also for beam search, is the mean
+  ``alpha / a0`` with the checkpoint's parametrization and offset, not ``softmax(z)``); anything
+  else is an *ensemble* of softmax members (M = 1 included);
+* after each batch is decoded, its n-best lists (and with ``--uncertainty-reference`` the references,
+  forced-decoded) are re-scored teacher-forced in one batched pass per model
+  (:mod:`fairseq_pdd.rescoring`) and the measures of :mod:`fairseq_pdd.uncertainty` are attached:
+  a ``U-{id}`` line per hypothesis in fairseq's output and one JSONL record per hypothesis in
+  ``--uncertainty-output`` (default ``{results_path or .}/uncertainty-{gen_subset}.jsonl``),
+  written to a temporary file and renamed when decoding finishes;
+* the output stream fairseq writes to is shared, so the U- lines sit with the batch's other lines.
+"""
+import contextlib
+import json
+import os
+from typing import Optional
+from unittest import mock
+
+import torch
+from fairseq import checkpoint_utils, options, tasks, utils
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+import fairseq_cli.generate as fairseq_generate
+from fairseq_pdd import rescoring, uncertainty
+from fairseq_pdd.dirichlet import concentrations
+
+#: Criteria whose students parametrize a Dirichlet.
+DIRICHLET_CRITERIA = (
+    "rkl_dirichlet_proxy_distillation",
+    "dirichlet_proxy_distillation",
+    "sequence_distribution_distillation",
+)
+
+
+def add_uncertainty_args(parser) -> None:
+    group = parser.add_argument_group("uncertainty (fairseq_pdd)")
+    group.add_argument("--uncertainty-output", default=None, metavar="FILE",
+                       help="JSONL, one record per hypothesis (default: RESULTS_PATH/uncertainty-SUBSET.jsonl)")
+    group.add_argument("--uncertainty-reference", action="store_true",
+                       help="also forced-decode each reference (records with rank -1, token confidence "
+                            "and correctness for calibration)")
+    group.add_argument("--predictive", choices=["auto", "softmax", "dirichlet"], default="auto",
+                       help="auto: Dirichlet mean for one checkpoint trained with a Dirichlet criterion")
+
+
+class DirichletPredictive:
+    """``get_normalized_probs`` of a Dirichlet student: ``log(alpha / a0)`` from its logits."""
+
+    def __init__(self, parametrization: str, offset: float):
+        self.parametrization, self.offset = parametrization, offset
+
+    def alpha(self, logits: torch.Tensor) -> torch.Tensor:
+        return concentrations(logits.float(), self.parametrization, self.offset)
+
+    def __call__(self, net_output, log_probs, sample=None):
+        alpha = self.alpha(net_output[0])
+        lp = alpha.log() - alpha.sum(-1, keepdim=True).log()
+        return lp if log_probs else lp.exp()
+
+
+def dirichlet_predictive(saved_cfg, choice: str) -> Optional[DirichletPredictive]:
+    """The student's predictive if it is a Dirichlet (per ``--predictive``), else None."""
+    criterion = getattr(saved_cfg, "criterion", None)
+    name = getattr(criterion, "_name", None)
+    if choice == "softmax" or (choice == "auto" and name not in DIRICHLET_CRITERIA):
+        return None
+    if name not in DIRICHLET_CRITERIA:
+        raise ValueError(f"--predictive dirichlet needs a checkpoint trained with a Dirichlet criterion, not {name!r}")
+    return DirichletPredictive(str(criterion.parametrization), float(criterion.model_offset))
+
+
+class UncertaintyRun:
+    """State and hooks of one ``fairseq-pdd-generate`` run."""
+
+    def __init__(self, args):
+        self.args = args
+        self.cfg = None
+        self.output_file = None
+        self.predictive: Optional[DirichletPredictive] = None
+        self.records: Optional[object] = None
+        self.decode = None
+
+    # hooks ------------------------------------------------------------------------------------
+    def main(self, original):
+        def hooked_main(cfg, output_file):
+            self.cfg, self.output_file = cfg, output_file
+            path = self.output_path(cfg, self.args.uncertainty_output)
+            with open(path + ".tmp", "w") as self.records:
+                scorer = original(cfg, output_file)
+            os.replace(path + ".tmp", path)
+            return scorer
+
+        return hooked_main
+
+    def load_model_ensemble(self, original):
+        def hooked_load(filenames, *args, **kwargs):
+            models, saved_cfg = original(filenames, *args, **kwargs)
+            if len(models) == 1:
+                self.predictive = dirichlet_predictive(saved_cfg, self.args.predictive)
+                if self.predictive is not None:
+                    models[0].get_normalized_probs = self.predictive
+            elif self.args.predictive == "dirichlet":
+                raise ValueError("--predictive dirichlet takes one checkpoint; several are decoded as an ensemble")
+            return models, saved_cfg
+
+        return hooked_load
+
+    def setup_task(self, original):
+        def hooked_setup(cfg, **kwargs):
+            task = original(cfg, **kwargs)
+            inference_step = task.inference_step
+
+            def inference_step_with_uncertainty(generator, models, sample, **kw):
+                hypos = inference_step(generator, models, sample, **kw)
+                self.score_batch(task, generator, models, sample, hypos)
+                return hypos
+
+            task.inference_step = inference_step_with_uncertainty
+            return task
+
+        return hooked_setup
+
+    # work -------------------------------------------------------------------------------------
+    @staticmethod
+    def output_path(cfg, explicit: Optional[str]) -> str:
+        if explicit:
+            return explicit
+        folder = cfg.common_eval.results_path or "."
+        os.makedirs(folder, exist_ok=True)
+        return os.path.join(folder, f"uncertainty-{cfg.dataset.gen_subset}.jsonl")
+
+    def measures(self, models, sample, batch: rescoring.HypothesisBatch, eos: int, pad: int):
+        """(token measures (H, L), sequence measures (H,), predictive log-probs (H, L, K) or None)."""
+        net_input = sample["net_input"]
+        if self.predictive is not None:
+            logits = rescoring.teacher_forced_logits(models[0], net_input, batch, eos, pad)
+            alpha = self.predictive.alpha(logits)
+            token, sequence = uncertainty.dirichlet_hypothesis_measures(alpha, batch.tokens, batch.mask)
+            return token, sequence, alpha
+        acc = uncertainty.EnsembleHypothesisAccumulator(batch.tokens, batch.mask)
+        for model in models:
+            logits = rescoring.teacher_forced_logits(model, net_input, batch, eos, pad)
+            acc.add(torch.log_softmax(logits, -1, dtype=torch.float32))
+        stats, chosen, ep_probs = acc.finalize()
+        token, sequence = uncertainty.ensemble_hypothesis_measures(stats, chosen, batch.mask, ep_probs)
+        return token, sequence, stats.mean_probs
+
+    def score_batch(self, task, generator, models, sample, hypos) -> None:
+        tgt_dict = task.target_dictionary
+        pad, eos = tgt_dict.pad(), tgt_dict.eos()
+        batches = [rescoring.from_nbest(hypos, self.cfg.generation.nbest, pad)]
+        if self.args.uncertainty_reference and sample.get("target") is not None:
+            batches.append(rescoring.from_references(sample["target"], pad))
+        texts = self.texts(task, generator, sample)
+        for batch in batches:
+            token, sequence, predictive = self.measures(models, sample, batch, eos, pad)
+            reference_stats = None
+            if batch.ranks[0] == -1:
+                confidence, argmax = predictive.max(-1)
+                if self.predictive is not None:  # alpha -> mean
+                    confidence = confidence / predictive.sum(-1)
+                reference_stats = (confidence, argmax.eq(batch.tokens))
+            self.write(task, generator, sample, hypos, batch, token, sequence, reference_stats, texts)
+
+    def texts(self, task, generator, sample):
+        """(source, reference) strings per batch row, decoded as fairseq-generate does."""
+        if self.decode is None:
+            tokenizer, bpe = task.build_tokenizer(self.cfg.tokenizer), task.build_bpe(self.cfg.bpe)
+
+            def decode(x):
+                x = bpe.decode(x) if bpe is not None else x
+                return tokenizer.decode(x) if tokenizer is not None else x
+
+            self.decode = decode
+        post = self.cfg.common_eval.post_process
+        strip = fairseq_generate.get_symbols_to_strip_from_output(generator)
+        src_dict, tgt_dict = getattr(task, "source_dictionary", None), task.target_dictionary
+        out = []
+        for i in range(sample["id"].numel()):
+            src = ""
+            if src_dict is not None and "src_tokens" in sample["net_input"]:
+                src = self.decode(src_dict.string(utils.strip_pad(sample["net_input"]["src_tokens"][i], tgt_dict.pad()), post))
+            ref = None
+            if sample.get("target") is not None:
+                ref_tokens = utils.strip_pad(sample["target"][i], tgt_dict.pad()).int().cpu()
+                ref = self.decode(tgt_dict.string(ref_tokens, post, escape_unk=True, extra_symbols_to_ignore=strip))
+            out.append((src, ref))
+        return out
+
+    def write(self, task, generator, sample, hypos, batch, token, sequence, reference_stats, texts) -> None:
+        tgt_dict = task.target_dictionary
+        lengths = batch.mask.sum(-1).tolist()
+        token = {k: v.float().cpu() for k, v in token.items()}
+        sequence = {k: v.float().cpu().tolist() for k, v in sequence.items()}
+        ids = sample["id"].tolist()
+        strip = fairseq_generate.get_symbols_to_strip_from_output(generator)
+        for h, (row, rank) in enumerate(zip(batch.source_rows.tolist(), batch.ranks)):
+            source, reference = texts[row]
+            length = lengths[h]
+            tokens = batch.tokens[h, :length].int().cpu()
+            if rank >= 0:
+                hypothesis = self.decode(tgt_dict.string(tokens, self.cfg.common_eval.post_process, extra_symbols_to_ignore=strip))
+                score = float(hypos[row][rank]["score"])
+            else:
+                hypothesis, score = reference, sequence["score"][h]
+            record = {
+                "id": ids[row],
+                "rank": rank,
+                "source": source,
+                "reference": reference,
+                "hypothesis": hypothesis,
+                "score": score,
+                "log_prob": sequence["log_prob"][h],
+                "length": length,
+                "tokens": tokens.tolist(),
+                "model": "dirichlet" if self.predictive is not None else "ensemble",
+                "token": {k: v[h, :length].tolist() for k, v in token.items()},
+                "sequence": {k: v[h] for k, v in sequence.items()},
+            }
+            if reference_stats is not None:
+                record["token_confidence"] = reference_stats[0][h, :length].float().cpu().tolist()
+                record["token_correct"] = reference_stats[1][h, :length].int().cpu().tolist()
+            self.records.write(json.dumps(record) + "\n")
+            if not self.cfg.common_eval.quiet:
+                shown = " ".join(f"{k}={record['sequence'][k]:.4f}" for k in sorted(record["sequence"]))
+                print(f"U-{record['id']}\t{rank}\t{shown}", file=self.output_file)
+
+
+def main(args) -> None:
+    run = UncertaintyRun(args)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(fairseq_generate, "_main", run.main(fairseq_generate._main)))
+        stack.enter_context(mock.patch.object(
+            checkpoint_utils, "load_model_ensemble", run.load_model_ensemble(checkpoint_utils.load_model_ensemble)))
+        stack.enter_context(mock.patch.object(tasks, "setup_task", run.setup_task(tasks.setup_task)))
+        fairseq_generate.main(convert_namespace_to_omegaconf(args))
+
+
+def cli_main() -> None:
+    parser = options.get_generation_parser()
+    add_uncertainty_args(parser)
+    args = options.parse_args_and_arch(parser)
+    main(args)
