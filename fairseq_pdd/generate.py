@@ -128,11 +128,11 @@ class UncertaintyRun:
     # work -------------------------------------------------------------------------------------
     @staticmethod
     def output_path(cfg, explicit: Optional[str]) -> str:
-        if explicit:
-            return explicit
-        folder = cfg.common_eval.results_path or "."
-        os.makedirs(folder, exist_ok=True)
-        return os.path.join(folder, f"uncertainty-{cfg.dataset.gen_subset}.jsonl")
+        path = explicit or os.path.join(
+            cfg.common_eval.results_path or ".", f"uncertainty-{cfg.dataset.gen_subset}.jsonl"
+        )
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        return path
 
     def measures(self, models, sample, batch: rescoring.HypothesisBatch, eos: int, pad: int):
         """(token measures (H, L), sequence measures (H,), predictive log-probs (H, L, K) or None)."""
@@ -203,6 +203,7 @@ class UncertaintyRun:
             source, reference = texts[row]
             length = lengths[h]
             tokens = batch.tokens[h, :length].int().cpu()
+            symbols = [tgt_dict[t] for t in tokens[:-1].tolist()]  # without EOS
             if rank >= 0:
                 hypothesis = self.decode(tgt_dict.string(tokens, self.cfg.common_eval.post_process, extra_symbols_to_ignore=strip))
                 score = float(hypos[row][rank]["score"])
@@ -217,11 +218,14 @@ class UncertaintyRun:
                 "score": score,
                 "log_prob": sequence["log_prob"][h],
                 "length": length,
-                "tokens": tokens.tolist(),
+                "tokens": symbols,
                 "model": "dirichlet" if self.predictive is not None else "ensemble",
                 "token": {k: v[h, :length].tolist() for k, v in token.items()},
                 "sequence": {k: v[h] for k, v in sequence.items()},
             }
+            if rank == 0 and sample.get("target") is not None:
+                ref = utils.strip_pad(sample["target"][row], tgt_dict.pad()).tolist()
+                record["reference_tokens"] = [tgt_dict[t] for t in ref[:-1]]
             if reference_stats is not None:
                 record["token_confidence"] = reference_stats[0][h, :length].float().cpu().tolist()
                 record["token_correct"] = reference_stats[1][h, :length].int().cpu().tolist()
