@@ -60,6 +60,35 @@ def write_corpus(
     return out_dir, lexicon
 
 
+def write_unseen_vocabulary_split(
+    out_dir: str,
+    split: str,
+    count: int,
+    vocab_size: int = 40,
+    min_len: int = 3,
+    max_len: int = 8,
+    src: str = "src",
+    tgt: str = "tgt",
+    seed: int = 2,
+) -> str:
+    """An out-of-distribution split whose source words ``s{V} .. s{2V-1}`` never occur in training.
+
+    Binarised with the training dictionaries they become ``<unk>``: the toy analogue of a source in
+    another language. References follow the same word-by-word, reversed rule.
+    """
+    rng = random.Random(seed)
+    lexicon = {f"s{i}": [f"t{i}"] for i in range(vocab_size, 2 * vocab_size)}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{split}.{src}"), "w") as fs, open(
+        os.path.join(out_dir, f"{split}.{tgt}"), "w"
+    ) as ft:
+        for _ in range(count):
+            sentence = [f"s{rng.randrange(vocab_size, 2 * vocab_size)}" for _ in range(rng.randint(min_len, max_len))]
+            fs.write(" ".join(sentence) + "\n")
+            ft.write(" ".join(translate(sentence, lexicon, rng)) + "\n")
+    return out_dir
+
+
 def main(argv=None) -> None:
     """``fairseq-pdd-toy-data OUT_DIR``: write the synthetic corpus (train/valid/test)."""
     import argparse
@@ -72,6 +101,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab-size", type=int, default=40)
     parser.add_argument("--ambiguous-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--ood", type=int, default=0, help="also write an 'ood' split of this many sentences "
+                        "with source words never seen in training")
     args = parser.parse_args(argv)
     write_corpus(
         args.out_dir,
@@ -80,6 +111,8 @@ def main(argv=None) -> None:
         ambiguous_fraction=args.ambiguous_fraction,
         seed=args.seed,
     )
+    if args.ood:
+        write_unseen_vocabulary_split(args.out_dir, "ood", args.ood, args.vocab_size, seed=args.seed + 1)
 
 
 if __name__ == "__main__":
