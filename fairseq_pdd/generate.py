@@ -89,6 +89,9 @@ class UncertaintyRun:
     def main(self, original):
         def hooked_main(cfg, output_file):
             self.cfg, self.output_file = cfg, output_file
+            # plain values: omegaconf attribute access is slow in the per-record loop
+            self.nbest, self.post_process = cfg.generation.nbest, cfg.common_eval.post_process
+            self.quiet = cfg.common_eval.quiet
             path = self.output_path(cfg, self.args.uncertainty_output)
             with open(path + ".tmp", "w") as self.records:
                 scorer = original(cfg, output_file)
@@ -153,7 +156,7 @@ class UncertaintyRun:
     def score_batch(self, task, generator, models, sample, hypos) -> None:
         tgt_dict = task.target_dictionary
         pad, eos = tgt_dict.pad(), tgt_dict.eos()
-        batches = [rescoring.from_nbest(hypos, self.cfg.generation.nbest, pad)]
+        batches = [rescoring.from_nbest(hypos, self.nbest, pad)]
         if self.args.uncertainty_reference and sample.get("target") is not None:
             batches.append(rescoring.from_references(sample["target"], pad))
         texts = self.texts(task, generator, sample)
@@ -177,7 +180,7 @@ class UncertaintyRun:
                 return tokenizer.decode(x) if tokenizer is not None else x
 
             self.decode = decode
-        post = self.cfg.common_eval.post_process
+        post = self.post_process
         strip = fairseq_generate.get_symbols_to_strip_from_output(generator)
         src_dict, tgt_dict = getattr(task, "source_dictionary", None), task.target_dictionary
         out = []
@@ -195,7 +198,7 @@ class UncertaintyRun:
     def write(self, task, generator, sample, hypos, batch, token, sequence, reference_stats, texts) -> None:
         tgt_dict = task.target_dictionary
         lengths = batch.mask.sum(-1).tolist()
-        token = {k: v.float().cpu() for k, v in token.items()}
+        token = {k: v.float().cpu().tolist() for k, v in token.items()}  # one conversion per batch
         sequence = {k: v.float().cpu().tolist() for k, v in sequence.items()}
         ids = sample["id"].tolist()
         strip = fairseq_generate.get_symbols_to_strip_from_output(generator)
@@ -205,7 +208,7 @@ class UncertaintyRun:
             tokens = batch.tokens[h, :length].int().cpu()
             symbols = [tgt_dict[t] for t in tokens[:-1].tolist()]  # without EOS
             if rank >= 0:
-                hypothesis = self.decode(tgt_dict.string(tokens, self.cfg.common_eval.post_process, extra_symbols_to_ignore=strip))
+                hypothesis = self.decode(tgt_dict.string(tokens, self.post_process, extra_symbols_to_ignore=strip))
                 score = float(hypos[row][rank]["score"])
             else:
                 hypothesis, score = reference, sequence["score"][h]
@@ -220,7 +223,7 @@ class UncertaintyRun:
                 "length": length,
                 "tokens": symbols,
                 "model": "dirichlet" if self.predictive is not None else "ensemble",
-                "token": {k: v[h, :length].tolist() for k, v in token.items()},
+                "token": {k: v[h][:length] for k, v in token.items()},
                 "sequence": {k: v[h] for k, v in sequence.items()},
             }
             if rank == 0 and sample.get("target") is not None:
@@ -230,7 +233,7 @@ class UncertaintyRun:
                 record["token_confidence"] = reference_stats[0][h, :length].float().cpu().tolist()
                 record["token_correct"] = reference_stats[1][h, :length].int().cpu().tolist()
             self.records.write(json.dumps(record) + "\n")
-            if not self.cfg.common_eval.quiet:
+            if not self.quiet:
                 shown = " ".join(f"{k}={record['sequence'][k]:.4f}" for k in sorted(record["sequence"]))
                 print(f"U-{record['id']}\t{rank}\t{shown}", file=self.output_file)
 
