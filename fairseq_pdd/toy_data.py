@@ -27,8 +27,22 @@ def translate(source: Sequence[str], lexicon: Dict[str, List[str]], rng: random.
     return [rng.choice(lexicon[w]) for w in reversed(source)]
 
 
-def sample_sentence(vocab_size: int, rng: random.Random, min_len: int, max_len: int) -> List[str]:
-    return [f"s{rng.randrange(vocab_size)}" for _ in range(rng.randint(min_len, max_len))]
+def sample_sentence(
+    rng: random.Random, min_len: int, max_len: int, first_word: int, num_words: int
+) -> List[str]:
+    """A random source sentence over the words ``s{first_word} .. s{first_word + num_words - 1}``."""
+    return [f"s{first_word + rng.randrange(num_words)}" for _ in range(rng.randint(min_len, max_len))]
+
+
+def _write_split(out_dir, split, count, lexicon, rng, min_len, max_len, first_word, src, tgt) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{split}.{src}"), "w") as fs, open(
+        os.path.join(out_dir, f"{split}.{tgt}"), "w"
+    ) as ft:
+        for _ in range(count):
+            sentence = sample_sentence(rng, min_len, max_len, first_word, len(lexicon))
+            fs.write(" ".join(sentence) + "\n")
+            ft.write(" ".join(translate(sentence, lexicon, rng)) + "\n")
 
 
 def write_corpus(
@@ -48,15 +62,8 @@ def write_corpus(
     """
     rng = random.Random(seed)
     lexicon = make_lexicon(vocab_size, ambiguous_fraction, rng)
-    os.makedirs(out_dir, exist_ok=True)
     for split, count in splits.items():
-        with open(os.path.join(out_dir, f"{split}.{src}"), "w") as fs, open(
-            os.path.join(out_dir, f"{split}.{tgt}"), "w"
-        ) as ft:
-            for _ in range(count):
-                sentence = sample_sentence(vocab_size, rng, min_len, max_len)
-                fs.write(" ".join(sentence) + "\n")
-                ft.write(" ".join(translate(sentence, lexicon, rng)) + "\n")
+        _write_split(out_dir, split, count, lexicon, rng, min_len, max_len, 0, src, tgt)
     return out_dir, lexicon
 
 
@@ -78,14 +85,7 @@ def write_unseen_vocabulary_split(
     """
     rng = random.Random(seed)
     lexicon = {f"s{i}": [f"t{i}"] for i in range(vocab_size, 2 * vocab_size)}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{split}.{src}"), "w") as fs, open(
-        os.path.join(out_dir, f"{split}.{tgt}"), "w"
-    ) as ft:
-        for _ in range(count):
-            sentence = [f"s{rng.randrange(vocab_size, 2 * vocab_size)}" for _ in range(rng.randint(min_len, max_len))]
-            fs.write(" ".join(sentence) + "\n")
-            ft.write(" ".join(translate(sentence, lexicon, rng)) + "\n")
+    _write_split(out_dir, split, count, lexicon, rng, min_len, max_len, vocab_size, src, tgt)
     return out_dir
 
 
