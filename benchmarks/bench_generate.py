@@ -182,10 +182,24 @@ def measure(args, data, models, startup_subset):
             rec.update(sentences=parsed["sentences"], tokens=parsed["tokens"], bleu=parsed["bleu"])
             if jsonl:
                 rec["jsonl_bytes"] = os.path.getsize(jsonl)
+                rec.update(hypothesis_lengths(jsonl))
     for rec in results.values():
         rec["wall_median_s"] = statistics.median(rec["wall_s"])
         rec["gen_median_s"] = statistics.median(rec["gen_s"])
+        rec["wall_min_s"], rec["gen_min_s"] = min(rec["wall_s"]), min(rec["gen_s"])
     return results
+
+
+def hypothesis_lengths(jsonl):
+    """Mean and max length (tokens incl. EOS) of the n-best hypotheses in a fairseq-pdd-generate JSONL: the
+    re-scoring pads every batch's hypotheses to its longest one."""
+    lengths = []
+    with open(jsonl) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["rank"] >= 0:
+                lengths.append(rec["length"])
+    return {"hyp_len_mean": sum(lengths) / len(lengths), "hyp_len_max": max(lengths)}
 
 
 def summarise(results, models, nbests, has_startup):
@@ -214,6 +228,7 @@ def summarise(results, models, nbests, has_startup):
                     "net_ratio": net / p_net if has_startup and p_net > 0 else None,
                     "plain_bleu": plain["bleu"], "pdd_bleu": rec["bleu"],
                     "sentences": rec["sentences"], "jsonl_bytes": rec["jsonl_bytes"],
+                    "hyp_len_mean": rec["hyp_len_mean"], "hyp_len_max": rec["hyp_len_max"],
                 })
     return rows
 
@@ -224,14 +239,14 @@ def fmt(v, digits=2):
 
 def table(rows):
     head = ("model", "nbest", "variant", "wall plain", "wall pdd", "ratio", "gen plain", "gen pdd", "ratio",
-            "net plain", "net pdd", "ratio", "BLEU plain/pdd")
+            "net plain", "net pdd", "ratio", "BLEU plain/pdd", "hyp len mean/max")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["model"], str(r["nbest"]), r["variant"], fmt(r["plain_wall_s"]), fmt(r["pdd_wall_s"]),
             fmt(r["wall_ratio"]), fmt(r["plain_gen_s"]), fmt(r["pdd_gen_s"]), fmt(r["gen_ratio"]),
             fmt(r["plain_net_s"]), fmt(r["pdd_net_s"]), fmt(r["net_ratio"]),
-            f"{fmt(r['plain_bleu'])}/{fmt(r['pdd_bleu'])}",
+            f"{fmt(r['plain_bleu'])}/{fmt(r['pdd_bleu'])}", f"{fmt(r['hyp_len_mean'], 1)}/{r['hyp_len_max']}",
         ]) + " |")
     return "\n".join(lines)
 
