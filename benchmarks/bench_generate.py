@@ -48,23 +48,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from fairseq_pdd.cli import user_dir  # noqa: E402
-from fairseq_pdd.toy_data import write_corpus  # noqa: E402
+from fairseq_pdd.toy_data import TINY_TRAINING, TINY_TRANSFORMER, write_corpus  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
-#: The tests' tiny Transformer (tests/cli_runner.py).
-TINY_TRANSFORMER = [
-    "--arch", "transformer",
-    "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
-    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
-    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
-    "--share-decoder-input-output-embed", "--dropout", "0.1",
-]
-TRAIN_COMMON = [
-    "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "50",
-    "--max-tokens", "500", "--cpu", "--no-progress-bar", "--log-format", "simple", "--log-interval", "50",
-    "--no-epoch-checkpoints", "--num-workers", "0",
-]
 VARIANTS = {  # name -> (tool, extra options)
     "plain": ("fairseq-generate", []),
     "pdd": ("fairseq-pdd-generate", []),
@@ -113,7 +99,7 @@ def build(args):
         ck = os.path.join(save, "checkpoint_last.pt")
         if not os.path.exists(ck):
             print(f"train teacher {seed} ({args.teacher_epochs} epochs)", flush=True)
-            run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TRAIN_COMMON,
+            run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TINY_TRAINING,
                                   "--save-dir", save, "--criterion", "cross_entropy",
                                   "--max-epoch", args.teacher_epochs, "--seed", seed], work)
         teachers.append(ck)
@@ -121,7 +107,7 @@ def build(args):
     student = os.path.join(save, "checkpoint_last.pt")
     if not os.path.exists(student):
         print(f"train PD-EnD2 student ({args.student_epochs} epochs)", flush=True)
-        run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TRAIN_COMMON,
+        run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TINY_TRAINING,
                               "--save-dir", save, "--task", "distillation", "--ensemble-paths", ":".join(teachers),
                               "--criterion", "rkl_dirichlet_proxy_distillation",
                               "--max-epoch", args.student_epochs, "--seed", 3], work)

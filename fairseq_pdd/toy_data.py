@@ -10,6 +10,22 @@ import os
 import random
 from typing import Dict, List, Sequence, Tuple
 
+#: fairseq-train options of a tiny Transformer that learns the toy task in seconds on a CPU.
+TINY_TRANSFORMER = [
+    "--arch", "transformer",
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
+    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
+    "--share-decoder-input-output-embed", "--dropout", "0.1",
+]
+#: fairseq-train optimisation and logging options used with it on a CPU.
+TINY_TRAINING = [
+    "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "50",
+    "--max-tokens", "500", "--cpu", "--no-progress-bar", "--log-format", "simple", "--log-interval", "50",
+    "--no-epoch-checkpoints", "--num-workers", "0",
+]
+
 
 def make_lexicon(vocab_size: int, ambiguous_fraction: float, rng: random.Random) -> Dict[str, List[str]]:
     """Maps every source word to its one or two target words."""

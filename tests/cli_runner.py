@@ -6,24 +6,9 @@ import sys
 from typing import List, Sequence
 
 from fairseq_pdd.cli import user_dir
+from fairseq_pdd.toy_data import TINY_TRAINING, TINY_TRANSFORMER
 
 BIN = os.path.dirname(sys.executable)
-
-#: A tiny Transformer that learns the toy task in seconds on a CPU.
-TINY_TRANSFORMER = [
-    "--arch", "transformer",
-    "--encoder-layers", "1", "--decoder-layers", "1",
-    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
-    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
-    "--encoder-attention-heads", "4", "--decoder-attention-heads", "4",
-    "--share-decoder-input-output-embed", "--dropout", "0.1",
-]
-TRAIN_COMMON = [
-    "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "50",
-    "--max-tokens", "500", "--cpu", "--no-progress-bar", "--log-format", "simple", "--log-interval", "50",
-    "--no-epoch-checkpoints", "--num-workers", "0",
-]
-
 
 class CommandFailed(AssertionError):
     pass
@@ -58,7 +43,7 @@ def train(data: str, save_dir: str, cwd: str, extra: Sequence[str], expect_failu
     """fairseq-train with the tiny model; returns the process (stdout has the log)."""
     return run(
         "fairseq-train",
-        [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TRAIN_COMMON, "--save-dir", save_dir, *extra],
+        [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TINY_TRAINING, "--save-dir", save_dir, *extra],
         cwd,
         expect_failure,
     )
