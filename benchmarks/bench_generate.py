@@ -29,7 +29,7 @@ fairseq's default multiple of 8 the last batch is cut to a multiple of 8 and som
 decoded). ``--quiet`` keeps fairseq's per-sentence printing out of both; ``fairseq-pdd-generate`` still
 writes its JSONL.
 
-Run from the repository root: ``.venv/bin/python benchmarks/bench_generate.py`` (CPU, ~15 minutes with
+Run from the repository root: ``.venv/bin/python benchmarks/bench_generate.py`` (CPU, ~12 minutes with
 the defaults; ``--repeats 1 --test 200`` for a smoke run).
 """
 import argparse
