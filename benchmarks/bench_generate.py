@@ -273,7 +273,9 @@ def main(argv=None):
     os.makedirs(args.work, exist_ok=True)
     start, load_start = time.time(), os.getloadavg()
     if args.data:
-        data, ensemble, student = os.path.abspath(args.data), args.ensemble, args.student
+        # the decodes run in --work: absolute paths
+        data, student = os.path.abspath(args.data), os.path.abspath(args.student)
+        ensemble = ":".join(os.path.abspath(p) for p in args.ensemble.split(":"))
         startup_subset = args.startup_subset
     else:
         data, ensemble, student = build(args)

@@ -93,8 +93,12 @@ class UncertaintyRun:
             self.nbest, self.post_process = cfg.generation.nbest, cfg.common_eval.post_process
             self.quiet = cfg.common_eval.quiet
             path = self.output_path(cfg, self.args.uncertainty_output)
-            with open(path + ".tmp", "w") as self.records:
-                scorer = original(cfg, output_file)
+            try:
+                with open(path + ".tmp", "w") as self.records:
+                    scorer = original(cfg, output_file)
+            except BaseException:
+                os.remove(path + ".tmp")  # no half-written output survives a failed run
+                raise
             os.replace(path + ".tmp", path)
             return scorer
 

@@ -24,6 +24,7 @@ import pytest
 from cli_runner import run, train
 
 from fairseq_pdd.cli import user_dir
+from fairseq_pdd.evaluation.ood_sets import make_permuted_set
 from fairseq_pdd.toy_data import write_unseen_vocabulary_split
 
 N_SENTENCES = 100  #: size of the toy test split and of each OOD split
@@ -48,9 +49,8 @@ def _make_ood_data(toy_mt, work):
     ``work/bin_ood`` (subset ``test`` = perm, ``test1`` = unseen)."""
     raw = os.path.join(work, "raw_ood")
     src_raw = os.path.join(toy_mt.root, "raw")
-    run("python", ["-m", "fairseq_pdd.evaluation.ood_sets", "permute", "--source", f"{src_raw}/test.src",
-                   "--target", f"{src_raw}/test.tgt", "--out-source", f"{raw}/perm.src",
-                   "--out-target", f"{raw}/perm.tgt"], work)
+    # in-process (what `python -m fairseq_pdd.evaluation.ood_sets permute` runs), sparing a fairseq import
+    make_permuted_set(f"{src_raw}/test.src", f"{src_raw}/test.tgt", f"{raw}/perm.src", f"{raw}/perm.tgt")
     write_unseen_vocabulary_split(raw, "unseen", N_SENTENCES)
     dest = os.path.join(work, "bin_ood")
     run("fairseq-preprocess",
@@ -93,20 +93,22 @@ def decodes(toy_mt):
     work = os.path.join(toy_mt.root, "uncertainty")
     os.makedirs(work, exist_ok=True)
     ensemble = ":".join(toy_mt.teachers)
-    where = {"test": (toy_mt.data, "test"), "perm": (None, "test"), "unseen": (None, "test1")}
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    where = {"test": (toy_mt.data, "test")}  #: set -> (data, subset); the OOD sets once binarised
+    out = Decodes(work, ensemble, None, None)
+
+    def decode(system, path, set_name):
+        data, subset = where[set_name]
+        extra = ["--uncertainty-reference", "--uncertainty-output", out.jsonl(system, set_name)]
+        if set_name != "test":  # in-domain runs print the per-sentence lines, the OOD runs are --quiet
+            extra.append("--quiet")
+        return _generate("fairseq-pdd-generate", data, subset, path, work, extra)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two subprocesses at a time, in submission order
         student_job = pool.submit(_train_student, toy_mt, work)
+        jobs = {("ensemble", "test"): pool.submit(decode, "ensemble", ensemble, "test")}
         bin_ood = _make_ood_data(toy_mt, work)
-        out = Decodes(work, ensemble, None, None)
-
-        def decode(system, path, set_name):
-            data, subset = where[set_name]
-            extra = ["--uncertainty-reference", "--uncertainty-output", out.jsonl(system, set_name)]
-            if set_name != "test":  # in-domain runs print the per-sentence lines, the OOD runs are --quiet
-                extra.append("--quiet")
-            return _generate("fairseq-pdd-generate", data or bin_ood, subset, path, work, extra)
-
-        jobs = {("ensemble", s): pool.submit(decode, "ensemble", ensemble, s) for s in SETS}
+        where.update(perm=(bin_ood, "test"), unseen=(bin_ood, "test1"))
+        jobs.update({("ensemble", s): pool.submit(decode, "ensemble", ensemble, s) for s in ("perm", "unseen")})
         out.student, out.student_log = student_job.result()
         jobs.update({("student", s): pool.submit(decode, "student", out.student, s) for s in SETS})
         plain = pool.submit(_generate, "fairseq-generate", toy_mt.data, "test", out.student, work)
