@@ -36,6 +36,9 @@ DIRICHLET_CRITERIA = (
     "sequence_distribution_distillation",
 )
 
+#: Default re-scoring group size, in logits elements (rows x length x K): 256 MiB of float32 logits.
+BUCKET_ELEMENTS = 2 ** 26
+
 
 def add_uncertainty_args(parser) -> None:
     group = parser.add_argument_group("uncertainty (fairseq_pdd)")
@@ -44,8 +47,15 @@ def add_uncertainty_args(parser) -> None:
     group.add_argument("--uncertainty-reference", action="store_true",
                        help="also forced-decode each reference (records with rank -1, token confidence "
                             "and correctness for calibration)")
+    group.add_argument("--uncertainty-max-tokens", type=int, default=None, metavar="N",
+                       help="re-score hypotheses in length-sorted groups of at most N padded target tokens "
+                            f"(default: {BUCKET_ELEMENTS} / vocabulary size, bounding the logits to that many elements)")
     group.add_argument("--predictive", choices=["auto", "softmax", "dirichlet"], default="auto",
                        help="auto: Dirichlet mean for one checkpoint trained with a Dirichlet criterion")
+
+
+class PredictiveOptionError(ValueError):
+    """``--predictive`` asks for what the checkpoints cannot give (reported as a one-line CLI error)."""
 
 
 class DirichletPredictive:
@@ -70,7 +80,7 @@ def dirichlet_predictive(saved_cfg, choice: str) -> Optional[DirichletPredictive
     if choice == "softmax" or (choice == "auto" and name not in DIRICHLET_CRITERIA):
         return None
     if name not in DIRICHLET_CRITERIA:
-        raise ValueError(f"--predictive dirichlet needs a checkpoint trained with a Dirichlet criterion, not {name!r}")
+        raise PredictiveOptionError(f"--predictive dirichlet needs a checkpoint trained with a Dirichlet criterion, not {name!r}")
     return DirichletPredictive(str(criterion.parametrization), float(criterion.model_offset))
 
 
@@ -112,7 +122,7 @@ class UncertaintyRun:
                 if self.predictive is not None:
                     models[0].get_normalized_probs = self.predictive
             elif self.args.predictive == "dirichlet":
-                raise ValueError("--predictive dirichlet takes one checkpoint; several are decoded as an ensemble")
+                raise PredictiveOptionError("--predictive dirichlet takes one checkpoint; several are decoded as an ensemble")
             return models, saved_cfg
 
         return hooked_load
@@ -141,38 +151,47 @@ class UncertaintyRun:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         return path
 
-    def measures(self, models, sample, batch: rescoring.HypothesisBatch, eos: int, pad: int):
-        """(token measures (H, L), sequence measures (H,), predictive log-probs (H, L, K) or None)."""
-        net_input = sample["net_input"]
+    def measures(self, models, encoder_outs, batch: rescoring.HypothesisBatch, eos: int, pad: int):
+        """(token measures (H, L), sequence measures (H,), predictive (H, L, K): alpha or mean probs)."""
         if self.predictive is not None:
-            logits = rescoring.teacher_forced_logits(models[0], net_input, batch, eos, pad)
+            logits = rescoring.teacher_forced_logits(models[0], encoder_outs[0], batch, eos, pad)
             alpha = self.predictive.alpha(logits)
             token, sequence = uncertainty.dirichlet_hypothesis_measures(alpha, batch.tokens, batch.mask)
             return token, sequence, alpha
         acc = uncertainty.EnsembleHypothesisAccumulator(batch.tokens, batch.mask)
-        for model in models:
-            logits = rescoring.teacher_forced_logits(model, net_input, batch, eos, pad)
+        for model, encoder_out in zip(models, encoder_outs):
+            logits = rescoring.teacher_forced_logits(model, encoder_out, batch, eos, pad)
             acc.add(torch.log_softmax(logits, -1, dtype=torch.float32))
         stats, chosen, ep_probs = acc.finalize()
         token, sequence = uncertainty.ensemble_hypothesis_measures(stats, chosen, batch.mask, ep_probs)
         return token, sequence, stats.mean_probs
 
     def score_batch(self, task, generator, models, sample, hypos) -> None:
+        """Re-score the batch's n-best (and references) in length buckets; write its records in order."""
         tgt_dict = task.target_dictionary
         pad, eos = tgt_dict.pad(), tgt_dict.eos()
         batches = [rescoring.from_nbest(hypos, self.nbest, pad)]
         if self.args.uncertainty_reference and sample.get("target") is not None:
             batches.append(rescoring.from_references(sample["target"], pad))
         texts = self.texts(task, generator, sample)
+        encoder_outs = [rescoring.encode(model, sample["net_input"]) for model in models]
+        budget = self.args.uncertainty_max_tokens or max(1, BUCKET_ELEMENTS // len(tgt_dict))
         for batch in batches:
-            token, sequence, predictive = self.measures(models, sample, batch, eos, pad)
-            reference_stats = None
-            if batch.ranks[0] == -1:
-                confidence, argmax = predictive.max(-1)
-                if self.predictive is not None:  # alpha -> mean
-                    confidence = confidence / predictive.sum(-1)
-                reference_stats = (confidence, argmax.eq(batch.tokens))
-            self.write(task, generator, sample, hypos, batch, token, sequence, reference_stats, texts)
+            records = [None] * len(batch.ranks)
+            for rows in rescoring.length_buckets(batch.mask.sum(-1), budget):
+                bucket = batch.select(rows)
+                token, sequence, predictive = self.measures(models, encoder_outs, bucket, eos, pad)
+                reference_stats = None
+                if bucket.ranks[0] == -1:
+                    confidence, argmax = predictive.max(-1)
+                    if self.predictive is not None:  # alpha -> mean
+                        confidence = confidence / predictive.sum(-1)
+                    reference_stats = (confidence, argmax.eq(bucket.tokens))
+                bucket_records = self.records_of(task, generator, sample, hypos, bucket, token, sequence,
+                                                 reference_stats, texts)
+                for h, record in zip(rows.tolist(), bucket_records):
+                    records[h] = record
+            self.write(records)
 
     def texts(self, task, generator, sample):
         """(source, reference) strings per batch row, decoded as fairseq-generate does."""
@@ -199,13 +218,15 @@ class UncertaintyRun:
             out.append((src, ref))
         return out
 
-    def write(self, task, generator, sample, hypos, batch, token, sequence, reference_stats, texts) -> None:
+    def records_of(self, task, generator, sample, hypos, batch, token, sequence, reference_stats, texts) -> list:
+        """One JSON-ready record per hypothesis of ``batch``, in its row order."""
         tgt_dict = task.target_dictionary
         lengths = batch.mask.sum(-1).tolist()
         token = {k: v.float().cpu().tolist() for k, v in token.items()}  # one conversion per batch
         sequence = {k: v.float().cpu().tolist() for k, v in sequence.items()}
         ids = sample["id"].tolist()
         strip = fairseq_generate.get_symbols_to_strip_from_output(generator)
+        records = []
         for h, (row, rank) in enumerate(zip(batch.source_rows.tolist(), batch.ranks)):
             source, reference = texts[row]
             length = lengths[h]
@@ -236,10 +257,16 @@ class UncertaintyRun:
             if reference_stats is not None:
                 record["token_confidence"] = reference_stats[0][h, :length].float().cpu().tolist()
                 record["token_correct"] = reference_stats[1][h, :length].int().cpu().tolist()
+            records.append(record)
+        return records
+
+    def write(self, records) -> None:
+        """The records to the JSONL and, unless ``--quiet``, their ``U-`` lines to fairseq's output."""
+        for record in records:
             self.records.write(json.dumps(record) + "\n")
             if not self.quiet:
                 shown = " ".join(f"{k}={record['sequence'][k]:.4f}" for k in sorted(record["sequence"]))
-                print(f"U-{record['id']}\t{rank}\t{shown}", file=self.output_file)
+                print(f"U-{record['id']}\t{record['rank']}\t{shown}", file=self.output_file)
 
 
 def main(args) -> None:
@@ -256,4 +283,7 @@ def cli_main() -> None:
     parser = options.get_generation_parser()
     add_uncertainty_args(parser)
     args = options.parse_args_and_arch(parser)
-    main(args)
+    try:
+        main(args)
+    except PredictiveOptionError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")

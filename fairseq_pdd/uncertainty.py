@@ -81,12 +81,13 @@ _SERIES_MIN = 8.0
 # Dirichlet
 
 
-def _digamma_gap(x: torch.Tensor, kind: str) -> torch.Tensor:
+def _digamma_gap(x: torch.Tensor, kind: str, digamma_x1: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``g(x) = psi(x + 1) - log x`` (kind "g") or ``h(x) = log x - psi(x)`` (kind "h"), both ~ 1/(2x).
 
     Both are positive and decreasing (g + h = 1/x). Computed directly below :data:`_SERIES_MIN` and by
     ``1/(2x) -+ 1/(12x^2) +- 1/(120x^4) -+ 1/(252x^6)`` above it, where the direct difference would
-    cancel (at x = 1e6 it has no correct digit in float32).
+    cancel (at x = 1e6 it has no correct digit in float32). For kind "g" a caller that already holds
+    ``psi(x + 1)`` passes it as ``digamma_x1`` (one digamma over (n, K) instead of two).
     """
     big = x >= _SERIES_MIN
     xs = torch.where(big, x, torch.full_like(x, _SERIES_MIN))
@@ -95,7 +96,8 @@ def _digamma_gap(x: torch.Tensor, kind: str) -> torch.Tensor:
     tail = inv2 * (1.0 / 12 - inv2 * (1.0 / 120 - inv2 / 252))
     xd = torch.where(big, torch.ones_like(x), x)
     if kind == "g":
-        return torch.where(big, 0.5 * inv - tail, torch.digamma(xd + 1) - torch.log(xd))
+        psi1 = torch.digamma(xd + 1) if digamma_x1 is None else digamma_x1
+        return torch.where(big, 0.5 * inv - tail, psi1 - torch.log(xd))
     return torch.where(big, 0.5 * inv + tail, torch.log(xd) - torch.digamma(xd))
 
 
@@ -105,10 +107,11 @@ def _dirichlet_rows(alpha: torch.Tensor, tokens: Optional[torch.Tensor]) -> Tupl
     a0 = alpha.sum(-1, keepdim=True)
     phat = alpha / a0
     # MI = sum_k phat_k (g(alpha_k) - g(a0)); every term >= 0 since g decreases and alpha_k <= a0.
+    psi_alpha1 = torch.digamma(alpha + 1)
     g0 = _digamma_gap(a0, "g")
-    mi = (phat * (_digamma_gap(alpha, "g") - g0).clamp(min=0)).sum(-1)
+    mi = (phat * (_digamma_gap(alpha, "g", psi_alpha1) - g0).clamp(min=0)).sum(-1)
     # E H[pi] = sum_k phat_k (psi(a0 + 1) - psi(alpha_k + 1)); every term >= 0.
-    data = (phat * (torch.digamma(a0 + 1) - torch.digamma(alpha + 1)).clamp(min=0)).sum(-1)
+    data = (phat * (torch.digamma(a0 + 1) - psi_alpha1).clamp(min=0)).sum(-1)
     a0 = a0.squeeze(-1)
     epkl = (k - 1) / a0
     out = {
