@@ -1,12 +1,22 @@
 """fairseq_pdd: ensemble distribution distillation (PD-EnD2 and baselines) as a fairseq plugin.
 
-Importing the package registers its criteria and tasks with fairseq and installs the weights-only
-checkpoint allow-list; ``fairseq-train --user-dir $(fairseq-pdd-user-dir)`` does the import.
+``fairseq-train --user-dir $(fairseq-pdd-user-dir)`` imports this package after fairseq, which
+registers its criteria and tasks and installs the weights-only checkpoint allow-list
+(:func:`register`). Imported without fairseq (the pure-torch math, the evaluation, the toy data),
+it does not import fairseq; a tool that drives fairseq in-process calls :func:`register` itself.
 """
+import sys
+
 __version__ = "0.1.0"
 
-from fairseq_pdd import checkpoints
 
-checkpoints.install()
+def register() -> None:
+    """Register the criteria and tasks with fairseq and install the checkpoint allow-list (idempotent)."""
+    from fairseq_pdd import checkpoints
 
-from fairseq_pdd import criterions, tasks  # noqa: E402,F401  (registration)
+    checkpoints.install()
+    from fairseq_pdd import criterions, tasks  # noqa: F401  (registration on first import)
+
+
+if "fairseq" in sys.modules:  # imported by fairseq's --user-dir (or after fairseq by a script)
+    register()

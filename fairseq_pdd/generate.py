@@ -26,8 +26,12 @@ from fairseq import checkpoint_utils, options, tasks, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import fairseq_cli.generate as fairseq_generate
+import fairseq_pdd
 from fairseq_pdd import rescoring, uncertainty
 from fairseq_pdd.dirichlet import concentrations
+
+# fairseq's --user-dir import finds this package already imported (by this module), so register here.
+fairseq_pdd.register()
 
 #: Criteria whose students parametrize a Dirichlet.
 DIRICHLET_CRITERIA = (
