@@ -37,18 +37,24 @@ class EnsembleStatistics:
         return self.mean_probs.shape[-1]
 
     # The three differences are >= 0 in exact arithmetic; float32 rounding can make them -1e-7
-    # where members agree, which would turn the proxy precision (K-1)/(2 MKL + eps) negative.
+    # where members agree, which would turn the proxy precision (K-1)/(2 MKL + eps) negative. One
+    # member cannot disagree with itself: they are exactly 0 then, not rounding noise.
+    def _disagreement(self, minuend: torch.Tensor, subtrahend: torch.Tensor) -> torch.Tensor:
+        if self.num_models == 1:
+            return torch.zeros_like(self.expected_entropy)
+        return (minuend - subtrahend).clamp_(min=0.0)
+
     @property
     def mutual_information(self) -> torch.Tensor:
-        return (self.entropy_of_expected - self.expected_entropy).clamp_(min=0.0)
+        return self._disagreement(self.entropy_of_expected, self.expected_entropy)
 
     @property
     def epkl(self) -> torch.Tensor:
-        return (self.cross_entropy - self.expected_entropy).clamp_(min=0.0)
+        return self._disagreement(self.cross_entropy, self.expected_entropy)
 
     @property
     def mkl(self) -> torch.Tensor:
-        return (self.cross_entropy - self.entropy_of_expected).clamp_(min=0.0)
+        return self._disagreement(self.cross_entropy, self.entropy_of_expected)
 
 
 class EnsembleAccumulator:

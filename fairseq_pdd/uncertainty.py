@@ -221,6 +221,7 @@ def ensemble_token_measures(stats: EnsembleStatistics, ep_mean_probs: Optional[t
     ``ep_total_uncertainty = H[q]``, ``ep_mutual_information = H[q] - EH``,
     ``ep_epkl = -sum_k q_k mlog_k - EH``, ``ep_mkl = -sum_k q_k mlog_k - H[q] = mean_m KL(q || p_m) >= 0``.
     ``ep_mutual_information`` and ``ep_epkl`` can be negative (EH is not q-weighted); they are not clamped.
+    For one member every disagreement measure is exactly 0.
     """
     out = {
         "total_uncertainty": stats.entropy_of_expected,
@@ -243,6 +244,8 @@ def ensemble_token_measures(stats: EnsembleStatistics, ep_mean_probs: Optional[t
             ep_epkl=cross - stats.expected_entropy,
             ep_mkl=(cross - entropy).clamp(min=0),
         )
+        if stats.num_models == 1:  # q = pbar = p_1: no disagreement, exactly
+            out.update({key: torch.zeros_like(entropy) for key in ("ep_mutual_information", "ep_epkl", "ep_mkl")})
     return out
 
 

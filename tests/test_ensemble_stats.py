@@ -162,3 +162,20 @@ def test_agreeing_members_give_non_negative_disagreement():
     for value in (stats.mkl, stats.epkl, stats.mutual_information):
         assert (value >= 0).all()
     assert (dirichlet.proxy_precision(stats.mkl, stats.epkl, 800, "mkl") > 0).all()
+
+
+def test_one_member_has_exactly_zero_disagreement():
+    """M = 1: MI, EPKL, MKL (and the EP variants) are exactly 0, not float32 rounding noise whose ranking
+    would give meaningless OOD / error-detection scores."""
+    from fairseq_pdd.uncertainty import EnsembleHypothesisAccumulator
+
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(3, 5, 50, generator=g) * 4, -1)
+    tokens = torch.randint(0, 50, (3, 5), generator=g)
+    acc = EnsembleHypothesisAccumulator(tokens, torch.ones(3, 5, dtype=torch.bool))
+    acc.add(log_probs)
+    token, sequence = acc.measures()
+    for key in ("mutual_information", "epkl", "mkl", "ep_mutual_information", "ep_epkl", "ep_mkl"):
+        assert torch.equal(token[key], torch.zeros(3, 5)), key
+        assert torch.equal(sequence[key], torch.zeros(3, dtype=sequence[key].dtype)), key
+    assert token["total_uncertainty"].gt(0).all()
