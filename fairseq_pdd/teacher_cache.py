@@ -67,6 +67,12 @@ def fingerprint(header: dict) -> dict:
     return {key: header[key] for key in FINGERPRINT_KEYS}
 
 
+def differences(theirs: dict, ours: dict) -> str:
+    """``key: theirs vs ours`` for each fingerprint field that differs."""
+    theirs, ours = fingerprint(theirs), fingerprint(ours)
+    return "; ".join(f"{key}: {theirs[key]} vs {ours[key]}" for key in FINGERPRINT_KEYS if theirs[key] != ours[key])
+
+
 class CacheBuilder:
     """Builds the cache of one subset for a task, its teachers and the run's options."""
 
@@ -111,8 +117,8 @@ class CacheBuilder:
             stamp = json.loads(str(part["fingerprint"]))
         if stamp != fingerprint(self.header):
             raise TeacherCacheError(
-                f"{self.part_path(j)} was written with other settings ({stamp}) than this run "
-                f"({fingerprint(self.header)}): remove {self.work} to start over"
+                f"{self.part_path(j)} was written with other settings than this run "
+                f"({differences(stamp, self.header)}): remove {self.work} to start over"
             )
 
     def check_sizes(self) -> None:
@@ -220,8 +226,8 @@ class CacheBuilder:
             existing = open_cache(self.out, verify_checksums=False).header
             if fingerprint(existing) != fingerprint(self.header):
                 raise TeacherCacheError(
-                    f"{self.out} exists and was built with other settings ({fingerprint(existing)}): "
-                    "remove it to rebuild"
+                    f"{self.out} exists and was built with other settings (cache vs this run: "
+                    f"{differences(existing, self.header)}): remove it to rebuild"
                 )
             logger.info("%s is already complete", self.out)
             return

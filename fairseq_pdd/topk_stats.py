@@ -19,14 +19,17 @@ The rebuilt statistics keep the stored values on the top-k classes and spread th
     pbar~_j = probs_j            (j in ids)      mlog~_j = log_probs_j     (j in ids)
     pbar~_j = rest_mass / (K-k)  (otherwise)     mlog~_j = rest_log_prob   (otherwise)
 
-The approximation (exact when k = K, up to the storage dtype):
+The approximation (exact when k = K, up to the storage dtype). With ``u`` the unit roundoff of the
+storage dtype (2^-11 for float16, 2^-24 for float32), ``||pbar~ - pbar||_1 <= 2 rest_mass + 2u``
+per token (the rest: at most ``rest_mass`` on each side; the rounding: ``u`` on the top-k and ``u``
+carried into ``rest_mass``). Hence:
 
-* KD to the mean: ``dL/dz = softmax(z) - pbar~``, so the gradient error is ``pbar - pbar~`` and its
-  L1 norm is at most ``2 * rest_mass`` per token.
+* KD to the mean: ``dL/dz = softmax(z) - pbar~``, so the gradient error is ``pbar - pbar~``: L1
+  norm at most ``2 rest_mass + 2u`` per token.
 * PD-EnD2 (reverse KL, ``exp`` parametrization, ``model_offset >= 1``): ``B`` and ``b0 = B + K`` are
   exact (both means sum to 1), so the gradient error on class j is
   ``e_j psi1(alpha_j) (pbar~_j - pbar_j)`` with ``e_j psi1(alpha_j) = x psi1(x + c) < 1`` for
-  ``x = exp(z_j) > 0``, ``c >= 1`` (``psi1(y) < 1 / (y - 1)``): L1 error at most ``2 * rest_mass``.
+  ``x = exp(z_j) > 0``, ``c >= 1`` (``psi1(y) < 1 / (y - 1)``): the same bound.
 * Forward KL to the proxy: the error ``e_j (psi(beta~_j) - psi(beta_j))`` scales with ``beta0``, and
   EnD2's NLL gradient error is ``e_j (mlog_j - rest_log_prob)`` on the tail, whose log-probabilities
   are not flat: no such bound; both are measured against k in the tests.

@@ -88,7 +88,7 @@ class TeacherEnsembleMixin:
             paths = split_paths(self.cfg.ensemble_paths)
             if not paths:
                 raise TeacherError(
-                    f"criterion '{cfg._name}' distils an ensemble but --ensemble-paths (or --teacher-cache) is empty"
+                    f"criterion '{cfg._name}' distils an ensemble but --ensemble-paths is empty (and no --teacher-cache)"
                 )
             self.teachers = TeacherEnsemble.load(paths, self, self.teacher_dtype())
         return criterion
