@@ -171,12 +171,26 @@ def _fsync(path: str) -> None:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class TeacherCache:
-    """An opened, validated cache of one subset."""
+    """An opened, validated cache of one subset.
+
+    Pickles (e.g. into spawned data-loader workers) without its arrays, which the copy maps again.
+    """
 
     directory: str
     header: dict
     offsets: np.ndarray  #: (S+1,) in memory
     arrays: Dict[str, np.ndarray]  #: memory-mapped, read-only
+
+    def __getstate__(self):
+        return dict(vars(self), arrays=None)
+
+    def __setstate__(self, state):
+        vars(self).update(state)
+        self.arrays = {
+            name: np.load(os.path.join(self.directory, meta["file"]), mmap_mode="r")
+            for name, meta in self.header["arrays"].items()
+            if name != "offsets"
+        }
 
     @property
     def num_sentences(self) -> int:

@@ -41,8 +41,9 @@ from fairseq_pdd.cache_format import (
     topk_to_arrays,
     write_cache,
 )
+from fairseq_pdd.checkpoints import CheckpointError
 from fairseq_pdd.tasks.teacher_mixin import TeacherEnsembleMixin
-from fairseq_pdd.teachers import TeacherEnsemble, split_paths
+from fairseq_pdd.teachers import TeacherEnsemble, TeacherError, split_paths
 from fairseq_pdd.topk_stats import STORAGE_DTYPES, compress
 
 logger = logging.getLogger("fairseq_pdd.teacher_cache")
@@ -231,6 +232,8 @@ class CacheBuilder:
                 )
             logger.info("%s is already complete", self.out)
             return
+        if len(self.dataset) == 0:
+            raise TeacherCacheError(f"subset {self.subset!r} has no sentences")
         self.check_sizes()
         os.makedirs(self.work, exist_ok=True)
         for j in range(shard_id, self.num_parts, num_shards):
@@ -280,7 +283,7 @@ def cli_main(argv=None) -> None:
     args = options.parse_args_and_arch(parser, input_args=argv)
     try:
         main(args)
-    except TeacherCacheError as e:
+    except (TeacherCacheError, TeacherError, CheckpointError) as e:
         sys.exit(f"fairseq-pdd-cache: error: {e}")
 
 

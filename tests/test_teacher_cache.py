@@ -1,6 +1,7 @@
 """The offline teacher cache: built by its CLI, trained from with no teacher loaded, refused when it
 does not fit, and its top-k approximation against the full statistics on the toy teachers' outputs."""
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -223,6 +224,17 @@ def test_refuses_other_target_tokens_at_the_batch(toy_mt, caches):
     assert dataset.collater([dataset[i] for i in range(5)])["teacher_topk"].k == 8
     with pytest.raises(TeacherCacheError, match="target tokens of sentence id 7 of subset 'valid' differ"):
         dataset.collater([dataset[i] for i in (3, 7, 9)])
+
+
+def test_cache_pickles_without_its_arrays(caches):
+    """Spawned data-loader workers receive the opened cache: small pickle, arrays mapped again."""
+    cache = open_cache(os.path.join(caches.top8, "train"))
+    data = pickle.dumps(cache)
+    assert len(data) < 100_000 < cache.arrays["ids"].nbytes
+    copy = pickle.loads(data)
+    rows = copy.rows([5, 1999, 0])
+    assert isinstance(copy.arrays["probs"], np.memmap)
+    assert torch.equal(copy.topk(rows).probs, cache.topk(rows).probs)
 
 
 @pytest.fixture
