@@ -25,7 +25,10 @@ their cached outputs (teacher logits in, gradient on the student logits out). Ti
 over ``--repeats`` rounds that visit every run in turn (so load changes hit all runs alike), after
 ``--warmup`` rounds. Peak memory is the step's high-water mark above what was allocated before it
 (weights, gradients, the batch): ``torch.cuda.max_memory_allocated`` on CUDA, the running sum of
-torch's CPU allocation events (``torch.profiler``, ``profile_memory=True``) on CPU.
+torch's CPU allocation events (``torch.profiler``, ``profile_memory=True``) on CPU. The report
+gives tokens/s (non-pad target tokens per step time) and checks the teacher cache's three targets
+(:data:`TARGETS`): rkl_cache >= 0.85x CE tokens/s, online peak growth from the smallest to the largest
+M no more than the extra teachers' weights, PD-EnD2's loss >= 2x faster than the materialized form.
 
 Run from the repository root: ``.venv/bin/python benchmarks/bench_criteria.py`` (CPU, a few
 minutes) or ``--device cuda --preset big``.

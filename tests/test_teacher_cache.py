@@ -49,9 +49,10 @@ def build_cache(toy_mt, cache_dir, *extra, expect_failure=False):
 
 @dataclass
 class Caches:
-    full: str  #: k = V, float32, built by two shards
+    full: str  #: k = V, float32: shard 0 of 2, then a resumed run without sharding
     top8: str  #: k = 8, float16 (the default dtype)
     after_first_shard: dict
+    resumed_log: str
     num_classes: int
 
 
@@ -60,21 +61,25 @@ def caches(toy_mt) -> Caches:
     root = os.path.join(toy_mt.root, "caches")
     full, top8 = os.path.join(root, "full"), os.path.join(root, "top8")
     num_classes = len(make_task(toy_mt.data).target_dictionary)
-    shard = ["--gen-subset", "train,valid", "--topk", str(num_classes), "--cache-dtype", "float32",
-             "--part-sentences", "700", "--num-shards", "2"]
-    build_cache(toy_mt, full, *shard, "--shard-id", "0")
+    settings = ["--gen-subset", "train,valid", "--topk", str(num_classes), "--cache-dtype", "float32",
+                "--part-sentences", "700"]
+    build_cache(toy_mt, full, *settings, "--num-shards", "2", "--shard-id", "0")
     after_first = {name: sorted(os.listdir(os.path.join(full, name))) for name in os.listdir(full)}
-    build_cache(toy_mt, full, *shard, "--shard-id", "1")
+    resumed = build_cache(toy_mt, full, *settings)
     build_cache(toy_mt, top8, "--gen-subset", "train,valid", "--topk", "8")
-    return Caches(full, top8, after_first, num_classes)
+    return Caches(full, top8, after_first, resumed.stdout + resumed.stderr, num_classes)
 
 
-def test_sharded_build_merges_when_every_part_is_there(caches):
-    """Shard 0 writes parts 0 and 2 of train (3 parts of 700 sentences) and all of valid (1 part),
-    which it merges; shard 1 writes part 1 and merges train; the parts are removed."""
+def test_sharded_and_resumed_build(caches):
+    """Shard 0 of 2 writes parts 1 and 3 of train (3 parts of 700 sentences) and all of valid (1 part),
+    which it merges; a second run without sharding skips what is done, writes part 2, merges train
+    and removes the parts."""
     first = caches.after_first_shard
     assert sorted(first) == [".train.parts", "valid"]
     assert first[".train.parts"] == ["part-000000.npz", "part-000002.npz"]
+    for done in ("train: part 1/3 already done", "train: part 3/3 already done", "valid is already complete"):
+        assert done in caches.resumed_log, done
+    assert "part 2/3 already done" not in caches.resumed_log
     assert sorted(os.listdir(caches.full)) == ["train", "valid"]
     header = open_cache(os.path.join(caches.full, "train")).header
     assert (header["num_sentences"], header["k"], header["dtype"], header["num_models"]) == (
