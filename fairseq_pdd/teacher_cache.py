@@ -192,12 +192,13 @@ class CacheBuilder:
     # -- merge -----------------------------------------------------------------------------------
     def merge(self) -> None:
         """Merge all parts into ``self.out`` (atomic); a concurrent merger that wins is accepted."""
+        lengths, rest = [], []
         for j in range(self.num_parts):
             self.check_part(j)
-        lengths = np.concatenate([np.load(self.part_path(j))["lengths"] for j in range(self.num_parts)])
-        rest = np.concatenate(
-            [np.load(self.part_path(j))["scalars"][:, 0] for j in range(self.num_parts)]
-        )
+            with np.load(self.part_path(j)) as part:
+                lengths.append(part["lengths"])
+                rest.append(part["scalars"][:, 0])  # the remaining mass
+        lengths, rest = np.concatenate(lengths), np.concatenate(rest)
 
         def chunks():
             for j in range(self.num_parts):
@@ -207,7 +208,7 @@ class CacheBuilder:
         header = dict(
             self.header,
             num_tokens=int(lengths.sum()),
-            rest_mass={"mean": float(rest.mean()) if len(rest) else 0.0, "max": float(rest.max()) if len(rest) else 0.0},
+            rest_mass={"mean": float(rest.mean()), "max": float(rest.max())},
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         try:
