@@ -10,7 +10,13 @@ One run measures, for the same fairseq Transformer student and the same batch:
   the registered fairseq criterion's ``forward`` (fused float32 loss), then ``backward``;
 * ``rkl_materialized``: the "authors' style" PD-EnD2, all teachers' probabilities stacked in a
   B x T x M x V float64 tensor, pbar/MKL from it, and ``KL(Dir(alpha) || Dir(B pbar + 1)) / B`` in
-  float64 with plain autograd through lgamma/digamma.
+  float64 with plain autograd through lgamma/digamma;
+* ``rkl_cache``: PD-EnD2 trained from the offline teacher cache, no teacher loaded: the batch's
+  top-k rows (``--topk``, ``--cache-dtype``) of a real cache written by
+  :func:`fairseq_pdd.cache_format.write_cache` from the max(M) teachers are moved to the device,
+  expanded to dense statistics (:func:`fairseq_pdd.topk_stats.expand`, as the ``distillation``
+  task does) and fed to the same criterion. Reading the rows from the memory-mapped arrays happens
+  in fairseq's data-loader workers during training; it is timed separately (``host_load_time_s``).
 
 The student, the teachers and the batch are built once; all (method, M) runs share them (a run
 with M members uses the first M teachers). A "step" is teacher forward passes + student forward +
@@ -19,7 +25,10 @@ their cached outputs (teacher logits in, gradient on the student logits out). Ti
 over ``--repeats`` rounds that visit every run in turn (so load changes hit all runs alike), after
 ``--warmup`` rounds. Peak memory is the step's high-water mark above what was allocated before it
 (weights, gradients, the batch): ``torch.cuda.max_memory_allocated`` on CUDA, the running sum of
-torch's CPU allocation events (``torch.profiler``, ``profile_memory=True``) on CPU.
+torch's CPU allocation events (``torch.profiler``, ``profile_memory=True``) on CPU. The report
+gives tokens/s (non-pad target tokens per step time) and checks the teacher cache's three targets
+(:data:`TARGETS`): rkl_cache >= 0.85x CE tokens/s, online peak growth from the smallest to the largest
+M no more than the extra teachers' weights, PD-EnD2's loss >= 2x faster than the materialized form.
 
 Run from the repository root: ``.venv/bin/python benchmarks/bench_criteria.py`` (CPU, a few
 minutes) or ``--device cuda --preset big``.
@@ -31,8 +40,10 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import types
 import warnings
@@ -52,7 +63,10 @@ FUSED = {
     "kd": ("forward_kl_mean_distillation", "KD to the ensemble mean"),
 }
 MATERIALIZED = "rkl_materialized"
-METHODS = ("ce",) + tuple(FUSED) + (MATERIALIZED,)
+CACHE = "rkl_cache"
+METHODS = ("ce",) + tuple(FUSED) + (MATERIALIZED, CACHE)
+#: The issue's targets: cache tokens/s vs CE, online growth M=1 -> max M vs teacher weights, loss speedup.
+TARGETS = {"cache_vs_ce_tokens_per_s": 0.85, "online_growth_above_teacher_weights_bytes": 0, "pd_end2_loss_speedup": 2.0}
 PRESETS = {
     "small": dict(vocab=8000, batch=16, tgt_len=24, embed_dim=128, ffn_dim=512, heads=4, layers=2),
     "big": dict(vocab=40000, batch=64, tgt_len=32, embed_dim=1024, ffn_dim=4096, heads=16, layers=6),
@@ -149,16 +163,22 @@ def ce_step(student, teachers, sample, pad: int) -> torch.Tensor:
     return loss.detach()
 
 
-def make_fused_step(name: str, task):
-    """The training path of criterion ``name``: TeacherEnsemble statistics -> criterion -> backward."""
+def build_criterion(name: str, task):
+    """The registered fairseq criterion of benchmark method ``name``, default options."""
     from fairseq.criterions import CRITERION_DATACLASS_REGISTRY, CRITERION_REGISTRY
 
     import fairseq_pdd  # noqa: F401  (registers the criteria)
+
+    registered = FUSED[name][0]
+    return CRITERION_REGISTRY[registered](task, CRITERION_DATACLASS_REGISTRY[registered](sentence_avg=False))
+
+
+def make_fused_step(name: str, task):
+    """The training path of criterion ``name``: TeacherEnsemble statistics -> criterion -> backward."""
     from fairseq_pdd.criterions.distillation import STATS_KEY
     from fairseq_pdd.teachers import TeacherEnsemble
 
-    registered = FUSED[name][0]
-    criterion = CRITERION_REGISTRY[registered](task, CRITERION_DATACLASS_REGISTRY[registered](sentence_avg=False))
+    criterion = build_criterion(name, task)
     ensembles = {}  # one TeacherEnsemble per teacher list (it moves its models once)
 
     def step(student, teachers, sample, pad):
@@ -202,8 +222,45 @@ def materialized_rkl_step(student, teachers, sample, pad: int) -> torch.Tensor:
     return loss.detach()
 
 
+def build_cache(args, teachers, sample, pad: int, directory: str):
+    """Write the teacher cache of ``sample`` (its B sentences) from ``teachers``; return it opened."""
+    from fairseq_pdd.cache_format import open_cache, scalar_columns, topk_to_arrays, write_cache
+    from fairseq_pdd.teachers import TeacherEnsemble
+    from fairseq_pdd.topk_stats import STORAGE_DTYPES, compress
+
+    mask = sample["target"].ne(pad)
+    with torch.no_grad():
+        stats = TeacherEnsemble(teachers, [f"teacher{i}" for i in range(len(teachers))], torch.float32).statistics(sample, mask)
+        topk = compress(stats, args.topk, STORAGE_DTYPES[args.cache_dtype], log_probs=True)
+    del stats
+    header = {"subset": "bench", "num_classes": args.vocab, "k": args.topk,
+              "dtype": args.cache_dtype, "log_probs": True, "num_models": len(teachers), "teachers": [],
+              "dictionaries": {}, "scalar_columns": scalar_columns(True)}
+    shutil.rmtree(directory, ignore_errors=True)
+    write_cache(directory, header, mask.sum(1).cpu().numpy(), [topk_to_arrays(topk, sample["target"][mask])])
+    return open_cache(directory)
+
+
+def make_cache_step(task, cache, sample):
+    """PD-EnD2 from the cache as the ``distillation`` task runs it: top-k to device, expand, criterion."""
+    from fairseq_pdd.criterions.distillation import STATS_KEY
+    from fairseq_pdd.topk_stats import expand
+
+    criterion = build_criterion("rkl", task)
+    topk = cache.topk(cache.rows(sample["id"].cpu().numpy()))  # what the data loader's collater gives
+    num_classes = len(task.target_dictionary)
+
+    def step(student, teachers, sample, pad):
+        stats = expand(topk.to(sample["target"].device, non_blocking=True), num_classes, criterion.reads_mean_log_probs)
+        loss, _, _ = criterion(student, dict(sample, **{STATS_KEY: stats}))
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
 def make_step(method: str, task):
-    """The step function ``(student, teachers, sample, pad) -> loss`` of a benchmark method."""
+    """The step function ``(student, teachers, sample, pad) -> loss`` of a benchmark method (not the cache)."""
     if method == "ce":
         return ce_step
     if method == MATERIALIZED:
@@ -284,10 +341,16 @@ def build_runs(args, jobs):
         cached_teachers = [CachedOutput(t(**sample["net_input"])[0]) for t in teachers]
         cached_student = CachedOutput(student.eval()(**sample["net_input"])[0].requires_grad_())
     student.train()
-    steps = {method: make_step(method, task) for method in {method for method, _ in jobs}}
+    steps = {method: make_step(method, task) for method in {method for method, _ in jobs} if method != CACHE}
     runs = []
     for method, m in jobs:
-        step, live, cached = steps[method], teachers[:m], cached_teachers[:m]
+        step, live, cached = steps.get(method), teachers[:m], cached_teachers[:m]
+        extra = {}
+        if method == CACHE:  # built from M teachers, trained with none
+            cache = build_cache(args, live, sample, pad, os.path.join(args.work_dir, f"cache-M{m}"))
+            step, live, cached = make_cache_step(task, cache, sample), [], []
+            rows_of = functools.partial(cache.rows, sample["id"].cpu().numpy())
+            extra = {"host_load": lambda: cache.topk(rows_of()), "topk": args.topk, "cache_dtype": args.cache_dtype}
         runs.append(
             {
                 "method": method,
@@ -297,6 +360,7 @@ def build_runs(args, jobs):
                 "tokens": int(sample["target"].ne(pad).sum()),
                 "student_weight_bytes": weight_bytes(student),
                 "teacher_weight_bytes": sum(weight_bytes(t) for t in live),
+                **extra,
             }
         )
     return runs
@@ -326,7 +390,9 @@ def measure(args, jobs) -> list:
             gc.collect()
             run[f"{kind}_peak_bytes"] = peak_bytes(run[kind])
             run[f"{kind}_time_s"] = statistics.median(run[f"{kind}_times_s"])
-        results.append({k: v for k, v in run.items() if k not in kinds})
+        if "host_load" in run:
+            run["host_load_time_s"] = statistics.median(timed(run["host_load"], "cpu") for _ in range(args.repeats))
+        results.append({k: v for k, v in run.items() if k not in kinds + ("host_load",)})
     return results
 
 
@@ -341,6 +407,7 @@ def add_ratios(results: list) -> dict:
     """Ratios to the CE baseline on each record; PD-EnD2 streamed-vs-materialized and M-growth summaries."""
     base = next(r for r in results if r["method"] == "ce")
     for r in results:
+        r["tokens_per_s"] = _ratio(r["tokens"], r["step_time_s"])
         r["time_ratio"] = _ratio(r["step_time_s"], base["step_time_s"])
         r["mem_ratio"] = _ratio(r["step_peak_bytes"], base["step_peak_bytes"])
         # Weights + the student's gradients (allocated once, kept between steps) + the step's peak.
@@ -374,7 +441,31 @@ def add_ratios(results: list) -> dict:
                     "step_peak_diff_bytes": hi["step_peak_bytes"] - lo["step_peak_bytes"],
                 }
             )
-    return {"pd_end2_streamed_vs_materialized": pd_end2, "growth_with_members": growth}
+    return {
+        "pd_end2_streamed_vs_materialized": pd_end2,
+        "growth_with_members": growth,
+        "targets": targets(results, base, pd_end2, growth),
+    }
+
+
+def targets(results: list, base: dict, pd_end2: list, growth: list) -> list:
+    """The issue's three targets, each with the measured value and whether it is met."""
+    out = []
+    cache = next((r for r in results if r["method"] == CACHE), None)
+    if cache:
+        value = _ratio(cache["tokens_per_s"], base["tokens_per_s"])
+        out.append({"name": "cache_vs_ce_tokens_per_s", "value": value, "target": ">= 0.85",
+                    "met": value >= TARGETS["cache_vs_ce_tokens_per_s"]})
+    rkl = next((g for g in growth if g["method"] == "rkl"), None)
+    if rkl:
+        value = rkl["online_peak_diff_bytes"] - rkl["extra_teacher_weight_bytes"]
+        out.append({"name": "online_growth_above_teacher_weights_bytes", "members": rkl["members"], "value": value,
+                    "target": "<= 0", "met": value <= TARGETS["online_growth_above_teacher_weights_bytes"]})
+    if pd_end2:
+        value = min(s["loss_speedup"] for s in pd_end2)
+        out.append({"name": "pd_end2_loss_speedup", "value": value, "target": ">= 2 (min over M)",
+                    "met": value >= TARGETS["pd_end2_loss_speedup"]})
+    return out
 
 
 def _fmt(x, scale=1.0, spec=".1f"):
@@ -388,16 +479,22 @@ def print_report(config: dict, results: list, summary: dict) -> None:
         f"({results[0]['tokens']} non-pad tokens) d={config['embed_dim']} ffn={config['ffn_dim']} "
         f"layers={config['layers']} repeats={config['repeats']} threads={config['threads']}"
     )
-    head = f"{'method':<17}{'M':>3} {'step ms':>9}{'x CE':>7} {'step MiB':>9}{'x CE':>7} {'loss ms':>9} {'loss MiB':>9}  {'loss value':>12}"
+    head = f"{'method':<17}{'M':>3} {'tokens/s':>9} {'step ms':>9}{'x CE':>7} {'step MiB':>9}{'x CE':>7} {'loss ms':>9} {'loss MiB':>9}  {'loss value':>12}"
     print(head + "\n" + "-" * len(head))
     for r in results:
         print(
-            f"{r['method']:<17}{r['members'] or '-':>3} {_fmt(r['step_time_s'], 1e-3):>9}{_fmt(r['time_ratio'], 1, '.2f'):>7} "
+            f"{r['method']:<17}{r['members'] or '-':>3} {_fmt(r['tokens_per_s'], 1, '.0f'):>9} "
+            f"{_fmt(r['step_time_s'], 1e-3):>9}{_fmt(r['time_ratio'], 1, '.2f'):>7} "
             f"{_fmt(r['step_peak_bytes'], MiB):>9}{_fmt(r['mem_ratio'], 1, '.2f'):>7} "
             f"{_fmt(r['loss_time_s'], 1e-3):>9} {_fmt(r['loss_peak_bytes'], MiB):>9}  {r['loss_value']:>12.5g}"
         )
     print("ce: cross-entropy baseline; " + "; ".join(f"{k}: {v[1]} ({v[0]})" for k, v in FUSED.items())
-          + f"; {MATERIALIZED}: PD-EnD2 on a B x T x M x V float64 tensor with float64 autograd")
+          + f"; {MATERIALIZED}: PD-EnD2 on a B x T x M x V float64 tensor with float64 autograd"
+          + f"; {CACHE}: PD-EnD2 from the top-k teacher cache (built from M teachers, none loaded)")
+    for r in results:
+        if "host_load_time_s" in r:
+            print(f"{r['method']}: k={r['topk']} {r['cache_dtype']}; reading the batch's rows from the memory-mapped cache "
+                  f"(data-loader side, not in the step) {_fmt(r['host_load_time_s'], 1e-3, '.2f')} ms")
     if summary["pd_end2_streamed_vs_materialized"]:
         print("\nPD-EnD2: streamed fused float32 vs materialized float64 (materialized / streamed)")
         print(f"{'M':>3} {'step speedup':>13} {'loss speedup':>13} {'step mem x':>11} {'loss mem x':>11} {'loss rel diff':>14}")
@@ -416,6 +513,11 @@ def print_report(config: dict, results: list, summary: dict) -> None:
                 f"{g['method']:<17}{span:>7} {_fmt(g['online_peak_diff_bytes'], MiB):>21} "
                 f"{_fmt(g['extra_teacher_weight_bytes'], MiB):>26} {_fmt(g['step_peak_diff_bytes'], MiB):>19}"
             )
+    if summary["targets"]:
+        print("\nTargets")
+        for t in summary["targets"]:
+            value = _fmt(t["value"], MiB, ".2f") + " MiB" if t["name"].endswith("bytes") else _fmt(t["value"], 1, ".2f")
+            print(f"  {t['name']:<44} {value:>12}  target {t['target']:<18} {'met' if t['met'] else 'NOT met'}")
 
 
 def parse_args(argv=None):
@@ -431,6 +533,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, help="encoder and decoder layers each")
     p.add_argument("--members", type=int, nargs="+", default=[1, 5, 10], help="ensemble sizes M")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--topk", type=int, default=64, help="classes kept per token by the rkl_cache run")
+    p.add_argument("--cache-dtype", choices=("float16", "float32"), default="float16")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
@@ -440,6 +544,7 @@ def parse_args(argv=None):
         "when other processes compete for the cores; torch's default on CUDA)",
     )
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "criteria.json"))
+    p.add_argument("--work-dir", help="where the rkl_cache run writes its cache (default: a temporary directory)")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
@@ -458,12 +563,16 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = {k: v for k, v in vars(args).items() if k not in ("out", "methods")}
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "methods", "work_dir")}
     methods = ["ce"] + [m for m in args.methods if m != "ce"]
-    jobs = [("ce", 0)] + [(method, m) for method in methods[1:] for m in args.members]
+    jobs = [("ce", 0)] + [(method, m) for method in methods[1:] if method != CACHE for m in args.members]
+    if CACHE in methods:
+        jobs.append((CACHE, max(args.members)))
     config["threads"] = torch.get_num_threads()
     start, load_start = time.time(), os.getloadavg()
-    results = measure(args, jobs)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.work_dir = args.work_dir or tmp
+        results = measure(args, jobs)
     load = {"start": load_start, "end": os.getloadavg(), "cpus": os.cpu_count()}
     summary = add_ratios(results)
     print_report(config, results, summary)

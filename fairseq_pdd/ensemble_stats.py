@@ -26,7 +26,9 @@ class EnsembleStatistics:
     """Streamed statistics of an ensemble at N target positions over K classes."""
 
     mean_probs: torch.Tensor  #: pbar (N, K), float32
-    mean_log_probs: torch.Tensor  #: mlog (N, K), float32
+    #: mlog (N, K), float32; None when rebuilt from a top-k teacher cache for a criterion that does
+    #: not read it (:func:`fairseq_pdd.topk_stats.expand`)
+    mean_log_probs: Optional[torch.Tensor]
     expected_entropy: torch.Tensor  #: EH (N,)
     entropy_of_expected: torch.Tensor  #: H[pbar] (N,)
     cross_entropy: torch.Tensor  #: -sum_k pbar_k mlog_k (N,)

@@ -80,6 +80,8 @@ class _DistillationCriterion(FairseqCriterion):
     needs_ensemble = True
     #: Whether the student's logits parametrize a Dirichlet (its predictive is alpha / a0).
     dirichlet = False
+    #: Whether ``token_loss`` reads ``stats.mean_log_probs`` (a teacher cache then rebuilds it).
+    reads_mean_log_probs = False
 
     def __init__(self, task, cfg):
         super().__init__(task)
@@ -211,6 +213,8 @@ class ForwardKLProxyDistillation(_DirichletCriterion):
 @register_criterion("sequence_distribution_distillation", dataclass=DirichletDistillationConfig)
 class DirichletNLLDistillation(_DirichletCriterion):
     """EnD2: the Dirichlet NLL of the members' distributions, ``-(1/M) sum_m log Dir(p_m; alpha)``."""
+
+    reads_mean_log_probs = True
 
     def token_loss(self, logits, stats):
         return losses.dirichlet_nll_loss(

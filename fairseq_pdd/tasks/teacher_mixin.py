@@ -4,23 +4,44 @@ A task that mixes this in loads ``--ensemble-paths`` when it builds a criterion 
 (so ``fairseq-generate`` on a student never touches the teachers), and before every train and valid
 step attaches the ensemble's statistics at the sample's non-padding target positions as
 ``sample["ensemble_stats"]``.
+
+With ``--teacher-cache DIR`` no teacher is loaded: every loaded subset is wrapped by
+:mod:`fairseq_pdd.cache_dataset` (refused if ``DIR/{subset}`` was built for other data, dictionaries
+or, when ``--ensemble-paths`` names them, other teachers), and the statistics are rebuilt on the
+step's device from the cached top-k (:func:`fairseq_pdd.topk_stats.expand`), so the criteria run
+unchanged.
 """
+import logging
 from dataclasses import dataclass, field
 
+import torch
+
+from fairseq_pdd import cache_dataset
+from fairseq_pdd.cache_format import teacher_fingerprint
 from fairseq_pdd.criterions.distillation import STATS_KEY
 from fairseq_pdd.teachers import TeacherEnsemble, TeacherError, split_paths
+from fairseq_pdd.topk_stats import expand
 
-import torch
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TeacherEnsembleConfig:
     ensemble_paths: str = field(
         default="",
-        metadata={"help": "teacher checkpoints, colon- or comma-separated (a.pt:b.pt or a.pt,b.pt)"},
+        metadata={"help": "teacher checkpoints, colon- or comma-separated (a.pt:b.pt or a.pt,b.pt); "
+                  "with --teacher-cache only hashed, to check that the cache comes from them"},
     )
     fp16_ensemble: bool = field(default=False, metadata={"help": "run the teachers in float16"})
     bf16_ensemble: bool = field(default=False, metadata={"help": "run the teachers in bfloat16"})
+    teacher_cache: str = field(
+        default="",
+        metadata={"help": "train from the offline teacher cache in this directory (one folder per "
+                  "subset, built by python -m fairseq_pdd.teacher_cache); no teacher is loaded"},
+    )
+    teacher_cache_skip_checksums: bool = field(
+        default=False, metadata={"help": "check only the sizes of the cache's arrays, not their sha256"}
+    )
 
 
 class TeacherEnsembleMixin:
@@ -35,22 +56,54 @@ class TeacherEnsembleMixin:
             return torch.float16
         return torch.bfloat16 if self.cfg.bf16_ensemble else torch.float32
 
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        if not self.cfg.teacher_cache:
+            return
+        if not hasattr(self, "_teacher_caches"):
+            self._teacher_caches = {}
+            self._teacher_fingerprint = teacher_fingerprint(split_paths(self.cfg.ensemble_paths))
+        wrapped = cache_dataset.wrap(
+            self.datasets[split],
+            self.cfg.teacher_cache,
+            split,
+            self,
+            self._teacher_fingerprint,
+            not self.cfg.teacher_cache_skip_checksums,
+            self._teacher_caches.get(split),
+        )
+        if split not in self._teacher_caches:
+            header = wrapped.cache.header
+            logger.info(
+                "subset %s: teacher cache %s (%d teachers %s, k=%d, %s, remaining mass mean %.3g)",
+                split, wrapped.cache.directory, header["num_models"],
+                [t["path"] for t in header["teachers"]], header["k"], header["dtype"], header["rest_mass"]["mean"],
+            )
+        self._teacher_caches[split] = wrapped.cache
+        self.datasets[split] = wrapped
+
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint)
-        if getattr(criterion, "needs_ensemble", False) and self.teachers is None:
+        if getattr(criterion, "needs_ensemble", False) and self.teachers is None and not self.cfg.teacher_cache:
             paths = split_paths(self.cfg.ensemble_paths)
             if not paths:
                 raise TeacherError(
-                    f"criterion '{cfg._name}' distils an ensemble but --ensemble-paths is empty"
+                    f"criterion '{cfg._name}' distils an ensemble but --ensemble-paths is empty (and no --teacher-cache)"
                 )
             self.teachers = TeacherEnsemble.load(paths, self, self.teacher_dtype())
         return criterion
 
     def attach_ensemble_statistics(self, sample, criterion) -> None:
-        if self.teachers is None or not getattr(criterion, "needs_ensemble", False):
+        if not getattr(criterion, "needs_ensemble", False):
             return
         target = sample["target"]
-        sample[STATS_KEY] = self.teachers.statistics(sample, target.ne(self.target_dictionary.pad()))
+        topk = sample.get(cache_dataset.TOPK_KEY)
+        if topk is not None:
+            topk = topk.to(target.device, non_blocking=True)
+            log_probs = getattr(criterion, "reads_mean_log_probs", False)
+            sample[STATS_KEY] = expand(topk, len(self.target_dictionary), log_probs)
+        elif self.teachers is not None:
+            sample[STATS_KEY] = self.teachers.statistics(sample, target.ne(self.target_dictionary.pad()))
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
         self.attach_ensemble_statistics(sample, criterion)
