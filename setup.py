@@ -28,6 +28,7 @@ setup(
             "fairseq-pdd-toy-data = fairseq_pdd.toy_data:main",
             "fairseq-pdd-evaluate = fairseq_pdd.evaluation.cli:main",
             "fairseq-pdd-generate = fairseq_pdd.generate:cli_main",
+            "fairseq-pdd-cache = fairseq_pdd.teacher_cache:cli_main",
         ]
     },
 )

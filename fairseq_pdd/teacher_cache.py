@@ -31,6 +31,7 @@ from fairseq import options, tasks, utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import progress_bar
 
+import fairseq_pdd
 from fairseq_pdd.cache_format import (
     TeacherCacheError,
     open_cache,
@@ -45,6 +46,9 @@ from fairseq_pdd.checkpoints import CheckpointError
 from fairseq_pdd.tasks.teacher_mixin import TeacherEnsembleMixin
 from fairseq_pdd.teachers import TeacherEnsemble, TeacherError, split_paths
 from fairseq_pdd.topk_stats import STORAGE_DTYPES, compress
+
+# fairseq's --user-dir import finds this package already imported (by this module), so register here.
+fairseq_pdd.register()
 
 logger = logging.getLogger("fairseq_pdd.teacher_cache")
 
