@@ -2,12 +2,15 @@
 
 A task that mixes this in loads ``--ensemble-paths`` when it builds a criterion that needs them
 (so ``fairseq-generate`` on a student never touches the teachers), and before every train and valid
-step attaches the ensemble's statistics at the sample's non-padding target positions as
-``sample["ensemble_stats"]``.
+step attaches, at the sample's non-padding target positions, what the criterion reads: the
+ensemble's statistics as ``sample["ensemble_stats"]``, or, for a criterion with
+``teacher_log_predictive = True`` (self-distillation), only the log of the teachers' mean
+distribution as ``sample["teacher_log_probs"]`` (one (N, V) buffer).
 """
 from dataclasses import dataclass, field
 
 from fairseq_pdd.criterions.distillation import STATS_KEY
+from fairseq_pdd.criterions.self_distillation import TEACHER_LOG_PROBS_KEY
 from fairseq_pdd.teachers import TeacherEnsemble, TeacherError, split_paths
 
 import torch
@@ -49,8 +52,11 @@ class TeacherEnsembleMixin:
     def attach_ensemble_statistics(self, sample, criterion) -> None:
         if self.teachers is None or not getattr(criterion, "needs_ensemble", False):
             return
-        target = sample["target"]
-        sample[STATS_KEY] = self.teachers.statistics(sample, target.ne(self.target_dictionary.pad()))
+        mask = sample["target"].ne(self.target_dictionary.pad())
+        if getattr(criterion, "teacher_log_predictive", False):
+            sample[TEACHER_LOG_PROBS_KEY] = self.teachers.log_predictive(sample, mask)
+        else:
+            sample[STATS_KEY] = self.teachers.statistics(sample, mask)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
         self.attach_ensemble_statistics(sample, criterion)
