@@ -69,11 +69,12 @@ def estimate(args) -> dict:
         sample = utils.move_to_cuda(sample) if use_cuda else sample
         mask = sample["target"].ne(pad)
         target = sample["target"][mask]
-        log_probs = [torch.log_softmax(m(**sample["net_input"])[0][mask], -1, dtype=torch.float32) for m in models]
+        logits = [m(**sample["net_input"])[0][mask] for m in models]
         if args.method == "brier":
-            brier.add(log_probs[0].exp(), log_probs[1].exp(), target)
+            brier.add(*(torch.softmax(x, -1, dtype=torch.float32) for x in logits), target)
         else:
-            for out, lp in zip(gold, log_probs):
+            for out, x in zip(gold, logits):
+                lp = torch.log_softmax(x, -1, dtype=torch.float32)
                 out.append(lp.gather(-1, target.unsqueeze(-1)).squeeze(-1).cpu())
     if args.method == "brier":
         result = brier.estimate()
