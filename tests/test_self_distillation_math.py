@@ -146,12 +146,13 @@ def test_teacher_log_predictive_is_log_of_mean_distribution():
         torch.testing.assert_close(got, expected)
 
 
-def test_teacher_log_predictive_refuses_non_finite_outputs():
+@pytest.mark.parametrize("method", ["log_predictive", "statistics"])
+def test_teachers_refuse_non_finite_outputs(method):
     bad = torch.zeros(1, 2, V)
     bad[0, 1, 3] = float("nan")
     ensemble = TeacherEnsemble([FixedLogits(torch.zeros(1, 2, V)), FixedLogits(bad)], ["good.pt", "bad.pt"], torch.float32)
-    with pytest.raises(TeacherError, match=r"bad\.pt on sample ids \[7\]"):
-        ensemble.log_predictive({"net_input": {}, "id": torch.tensor([7])}, torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(TeacherError, match=r"from bad\.pt on sample ids \[7\]"):
+        getattr(ensemble, method)({"net_input": {}, "id": torch.tensor([7])}, torch.ones(1, 2, dtype=torch.bool))
 
 
 # ------------------------------------------------------------------------------------- choosing a
