@@ -29,6 +29,8 @@ setup(
             "fairseq-pdd-evaluate = fairseq_pdd.evaluation.cli:main",
             "fairseq-pdd-generate = fairseq_pdd.generate:cli_main",
             "fairseq-pdd-cache = fairseq_pdd.teacher_cache:cli_main",
+            "fairseq-pdd-estimate-gt-weight = fairseq_pdd.estimate_gt_weight:main",
+            "fairseq-pdd-chain-report = fairseq_pdd.chain_report:main",
         ]
     },
 )

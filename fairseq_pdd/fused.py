@@ -29,46 +29,49 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _ChunkedTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, kernel, need_grad, *targets):
+    def forward(ctx, logits, kernel, need_grad, num_extras, *targets):
         n, k = logits.shape
         dtype = compute_dtype(logits.dtype)
         rows = max(1, CHUNK_ELEMENTS // max(k, 1))
         loss = logits.new_empty(n, dtype=dtype)
         log_norm = logits.new_empty(n, dtype=dtype)
+        extras = logits.new_empty(n, num_extras, dtype=dtype)
         # fp16 gradients would underflow before the loss scale multiplies them: keep fp32.
         grad_dtype = torch.float32 if logits.dtype == torch.float16 else logits.dtype
         grad = logits.new_empty(n, k, dtype=grad_dtype) if need_grad else None
         for start in range(0, n, rows):
             sl = slice(start, start + rows)
             chunk_targets = [t[sl].to(dtype) for t in targets]
-            chunk_loss, chunk_grad, chunk_log_norm = kernel(
-                logits[sl].to(dtype), *chunk_targets, need_grad=need_grad
-            )
-            loss[sl] = chunk_loss
-            log_norm[sl] = chunk_log_norm
+            out = kernel(logits[sl].to(dtype), *chunk_targets, need_grad=need_grad)
+            loss[sl] = out[0]
+            log_norm[sl] = out[2]
+            if num_extras:
+                extras[sl] = out[3]
             if need_grad:
-                grad[sl] = chunk_grad
+                grad[sl] = out[1]
         ctx.grad = grad
         ctx.num_targets = len(targets)
-        ctx.mark_non_differentiable(log_norm)
-        return loss, log_norm
+        ctx.mark_non_differentiable(log_norm, extras)
+        return loss, log_norm, extras
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_log_norm):
+    def backward(ctx, grad_loss, _grad_log_norm, _grad_extras):
         grad = ctx.grad
         grad_logits = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
-        return (grad_logits, None, None) + (None,) * ctx.num_targets
+        return (grad_logits, None, None, None) + (None,) * ctx.num_targets
 
 
 def chunked_token_loss(
-    kernel: Kernel, logits: torch.Tensor, *targets: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    kernel: Kernel, logits: torch.Tensor, *targets: torch.Tensor, num_extras: int = 0
+) -> Tuple[torch.Tensor, ...]:
     """Apply ``kernel`` row-chunk by row-chunk; return the per-token loss (N,) and log-normaliser (N,).
 
     Args:
         kernel: ``kernel(z, *targets, need_grad) -> (loss (n,), dL/dz (n, K) or None,
             log-normaliser (n,))``, pure torch, with ``z`` and the targets already in the compute
-            dtype.
+            dtype (integer targets such as token indices arrive as floats, exact below 2**24).
+            With ``num_extras = E > 0`` it returns a fourth value, E per-token diagnostics (n, E),
+            and the call returns them too, as a third value (N, E) outside the graph.
         logits: (N, K) student logits; differentiable.
         targets: tensors with leading dimension N (detached teacher statistics).
     """
@@ -81,4 +84,5 @@ def chunked_token_loss(
             )
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     targets = tuple(t.detach() for t in targets)
-    return _ChunkedTokenLoss.apply(logits, kernel, need_grad, *targets)
+    loss, log_norm, extras = _ChunkedTokenLoss.apply(logits, kernel, need_grad, num_extras, *targets)
+    return (loss, log_norm, extras) if num_extras else (loss, log_norm)

@@ -7,6 +7,7 @@ and run under ``torch.inference_mode()``. Statistics are accumulated member by m
 (:mod:`fairseq_pdd.ensemble_stats`), so memory grows with M only by the teachers' weights.
 """
 import logging
+import math
 import os
 import re
 from typing import List, Optional, Sequence
@@ -120,26 +121,48 @@ class TeacherEnsemble:
             self.device = device
         return self
 
-    @torch.inference_mode()
-    def statistics(self, sample: dict, mask: torch.Tensor) -> EnsembleStatistics:
-        """Streamed statistics over the positions where ``mask`` (B, T) is True, in row-major order.
+    def _member_log_probs(self, sample: dict, mask: torch.Tensor):
+        """Each teacher's log-probabilities (N, K), float32, at the masked positions, one at a time.
 
-        Raises :class:`TeacherError` naming the teacher and the sample ids if any teacher's
-        log-probabilities are not finite (one device sync per batch).
+        When exhausted, raises :class:`TeacherError` naming the teacher and the sample ids if any
+        teacher's log-probabilities are not finite (one device sync per batch).
         """
         self.to(mask.device)
-        acc = EnsembleAccumulator()
         finite = []
         for model in self.models:
             logits = model(**sample["net_input"])[0][mask]
             log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
             finite.append(torch.isfinite(log_probs).all())
-            acc.add(log_probs)
-            del logits, log_probs  # free this member's (N, K) buffers before the next runs
+            yield log_probs
+            del log_probs  # free this member's (N, K) buffer before the next runs
         finite = torch.stack(finite).tolist()
         if not all(finite):
             bad = [p for p, ok in zip(self.paths, finite) if not ok]
             ids = sample.get("id")
             ids = ids.tolist()[:20] if ids is not None else "unknown"
             raise TeacherError(f"non-finite teacher outputs from {', '.join(bad)} on sample ids {ids}")
+
+    @torch.inference_mode()
+    def statistics(self, sample: dict, mask: torch.Tensor) -> EnsembleStatistics:
+        """Streamed statistics over the positions where ``mask`` (B, T) is True, in row-major order."""
+        acc = EnsembleAccumulator()
+        for log_probs in self._member_log_probs(sample, mask):
+            acc.add(log_probs)
+            del log_probs
         return acc.finalize()
+
+    @torch.inference_mode()
+    def log_predictive(self, sample: dict, mask: torch.Tensor) -> torch.Tensor:
+        """``log pbar`` (N, K), float32: the log of the teachers' mean distribution at the masked positions.
+
+        One (N, K) buffer whatever M (``log pbar = logsumexp_m log p_m - log M``, accumulated in
+        place); for one teacher it is its log-softmax.
+        """
+        total = None
+        for log_probs in self._member_log_probs(sample, mask):
+            total = log_probs if total is None else torch.logaddexp(total, log_probs, out=total)
+            del log_probs
+        if len(self.models) > 1:
+            total.sub_(math.log(len(self.models)))
+        return total

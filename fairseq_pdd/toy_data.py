@@ -3,7 +3,10 @@
 Source words ``s0 .. s{V-1}`` translate word by word, in reversed order, to target words. A fraction
 of the source words is *ambiguous*: each occurrence translates to one of two target words at
 random, so a well-trained model is uncertain exactly there (data uncertainty), while members of an
-ensemble agree on it. The files are plain text, one sentence per line, the layout
+ensemble agree on it. With ``label_noise`` the training references get *noisy labels*: each target
+word is replaced, with that probability, by a target word drawn uniformly from the lexicon (from a
+separate random stream, so the clean sentences are the same with and without noise); validation
+and test stay clean. The files are plain text, one sentence per line, the layout
 ``fairseq-preprocess`` reads (``{split}.{src}`` / ``{split}.{tgt}``).
 """
 import os
@@ -50,15 +53,27 @@ def sample_sentence(
     return [f"s{first_word + rng.randrange(num_words)}" for _ in range(rng.randint(min_len, max_len))]
 
 
-def _write_split(out_dir, split, count, lexicon, rng, min_len, max_len, first_word, src, tgt) -> None:
+def add_label_noise(
+    words: Sequence[str], target_vocabulary: Sequence[str], noise: float, rng: random.Random
+) -> List[str]:
+    """Replace each word, with probability ``noise``, by a word drawn uniformly from ``target_vocabulary``."""
+    return [rng.choice(target_vocabulary) if rng.random() < noise else w for w in words]
+
+
+def _write_split(out_dir, split, count, lexicon, rng, min_len, max_len, first_word, src, tgt, noise=None) -> None:
+    """``noise``: ``(probability, random stream)`` to corrupt the references, or None."""
     os.makedirs(out_dir, exist_ok=True)
+    vocabulary = sorted({w for choices in lexicon.values() for w in choices})
     with open(os.path.join(out_dir, f"{split}.{src}"), "w") as fs, open(
         os.path.join(out_dir, f"{split}.{tgt}"), "w"
     ) as ft:
         for _ in range(count):
             sentence = sample_sentence(rng, min_len, max_len, first_word, len(lexicon))
+            reference = translate(sentence, lexicon, rng)
+            if noise is not None:
+                reference = add_label_noise(reference, vocabulary, *noise)
             fs.write(" ".join(sentence) + "\n")
-            ft.write(" ".join(translate(sentence, lexicon, rng)) + "\n")
+            ft.write(" ".join(reference) + "\n")
 
 
 def write_corpus(
@@ -71,15 +86,21 @@ def write_corpus(
     src: str = "src",
     tgt: str = "tgt",
     seed: int = 1,
+    label_noise: float = 0.0,
 ) -> Tuple[str, Dict[str, List[str]]]:
     """Write ``{split}.{src}`` / ``{split}.{tgt}`` for each ``split: num_sentences``.
 
+    ``label_noise`` corrupts the references of the ``train`` split only (see the module docstring).
     Returns the directory and the lexicon used.
     """
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must lie in [0, 1], got {label_noise}")
     rng = random.Random(seed)
     lexicon = make_lexicon(vocab_size, ambiguous_fraction, rng)
+    noise = (label_noise, random.Random(f"label-noise-{seed}")) if label_noise else None
     for split, count in splits.items():
-        _write_split(out_dir, split, count, lexicon, rng, min_len, max_len, 0, src, tgt)
+        _write_split(out_dir, split, count, lexicon, rng, min_len, max_len, 0, src, tgt,
+                     noise if split == "train" else None)
     return out_dir, lexicon
 
 
@@ -117,6 +138,8 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab-size", type=int, default=40)
     parser.add_argument("--ambiguous-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--label-noise", type=float, default=0.0,
+                        help="replace this fraction of the training references' words by random target words")
     parser.add_argument("--ood", type=int, default=0, help="also write an 'ood' split of this many sentences "
                         "with source words never seen in training")
     args = parser.parse_args(argv)
@@ -126,6 +149,7 @@ def main(argv=None) -> None:
         vocab_size=args.vocab_size,
         ambiguous_fraction=args.ambiguous_fraction,
         seed=args.seed,
+        label_noise=args.label_noise,
     )
     if args.ood:
         write_unseen_vocabulary_split(args.out_dir, "ood", args.ood, args.vocab_size, seed=args.seed + 1)

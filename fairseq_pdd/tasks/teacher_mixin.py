@@ -2,14 +2,16 @@
 
 A task that mixes this in loads ``--ensemble-paths`` when it builds a criterion that needs them
 (so ``fairseq-generate`` on a student never touches the teachers), and before every train and valid
-step attaches the ensemble's statistics at the sample's non-padding target positions as
-``sample["ensemble_stats"]``.
+step attaches, at the sample's non-padding target positions, what the criterion reads: the
+ensemble's statistics as ``sample["ensemble_stats"]``, or, for a criterion with
+``teacher_log_predictive = True`` (self-distillation), only the log of the teachers' mean
+distribution as ``sample["teacher_log_probs"]`` (one (N, V) buffer).
 
 With ``--teacher-cache DIR`` no teacher is loaded: every loaded subset is wrapped by
 :mod:`fairseq_pdd.cache_dataset` (refused if ``DIR/{subset}`` was built for other data, dictionaries
 or, when ``--ensemble-paths`` names them, other teachers), and the statistics are rebuilt on the
 step's device from the cached top-k (:func:`fairseq_pdd.topk_stats.expand`), so the criteria run
-unchanged.
+unchanged (a self-distillation criterion gets the log of the rebuilt mean).
 """
 import logging
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ import torch
 from fairseq_pdd import cache_dataset
 from fairseq_pdd.cache_format import teacher_fingerprint
 from fairseq_pdd.criterions.distillation import STATS_KEY
+from fairseq_pdd.criterions.self_distillation import TEACHER_LOG_PROBS_KEY
 from fairseq_pdd.teachers import TeacherEnsemble, TeacherError, split_paths
 from fairseq_pdd.topk_stats import expand
 
@@ -97,13 +100,22 @@ class TeacherEnsembleMixin:
         if not getattr(criterion, "needs_ensemble", False):
             return
         target = sample["target"]
+        mask = target.ne(self.target_dictionary.pad())
+        log_predictive = getattr(criterion, "teacher_log_predictive", False)
         topk = sample.get(cache_dataset.TOPK_KEY)
         if topk is not None:
             topk = topk.to(target.device, non_blocking=True)
-            log_probs = getattr(criterion, "reads_mean_log_probs", False)
-            sample[STATS_KEY] = expand(topk, len(self.target_dictionary), log_probs)
+            reads_log_probs = getattr(criterion, "reads_mean_log_probs", False)
+            stats = expand(topk, len(self.target_dictionary), reads_log_probs)
+            if log_predictive:
+                sample[TEACHER_LOG_PROBS_KEY] = stats.mean_probs.log()
+            else:
+                sample[STATS_KEY] = stats
         elif self.teachers is not None:
-            sample[STATS_KEY] = self.teachers.statistics(sample, target.ne(self.target_dictionary.pad()))
+            if log_predictive:
+                sample[TEACHER_LOG_PROBS_KEY] = self.teachers.log_predictive(sample, mask)
+            else:
+                sample[STATS_KEY] = self.teachers.statistics(sample, mask)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
         self.attach_ensemble_statistics(sample, criterion)
