@@ -257,3 +257,7 @@ def cli_main() -> None:
     add_uncertainty_args(parser)
     args = options.parse_args_and_arch(parser)
     main(args)
+
+
+if __name__ == "__main__":
+    cli_main()

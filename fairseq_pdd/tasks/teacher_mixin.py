@@ -24,21 +24,27 @@ class TeacherEnsembleConfig:
 
 
 class TeacherEnsembleMixin:
-    """Mixed into a FairseqTask whose cfg carries :class:`TeacherEnsembleConfig`'s fields."""
+    """Mixed into a FairseqTask whose options (``cfg``, or ``args`` for a legacy task such as
+    ``speech_to_text``) carry :class:`TeacherEnsembleConfig`'s fields."""
 
     teachers = None
 
-    def teacher_dtype(self) -> torch.dtype:
-        if self.cfg.fp16_ensemble and self.cfg.bf16_ensemble:
-            raise ValueError("--fp16-ensemble and --bf16-ensemble are exclusive")
-        if self.cfg.fp16_ensemble:
-            return torch.float16
-        return torch.bfloat16 if self.cfg.bf16_ensemble else torch.float32
+    @property
+    def teacher_options(self):
+        return self.cfg if getattr(self, "cfg", None) is not None else self.args
 
-    def build_criterion(self, cfg, from_checkpoint=False):
-        criterion = super().build_criterion(cfg, from_checkpoint)
+    def teacher_dtype(self) -> torch.dtype:
+        options = self.teacher_options
+        if options.fp16_ensemble and options.bf16_ensemble:
+            raise ValueError("--fp16-ensemble and --bf16-ensemble are exclusive")
+        if options.fp16_ensemble:
+            return torch.float16
+        return torch.bfloat16 if options.bf16_ensemble else torch.float32
+
+    def build_criterion(self, cfg, *args, **kwargs):
+        criterion = super().build_criterion(cfg, *args, **kwargs)
         if getattr(criterion, "needs_ensemble", False) and self.teachers is None:
-            paths = split_paths(self.cfg.ensemble_paths)
+            paths = split_paths(self.teacher_options.ensemble_paths)
             if not paths:
                 raise TeacherError(
                     f"criterion '{cfg._name}' distils an ensemble but --ensemble-paths is empty"
