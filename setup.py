@@ -20,6 +20,8 @@ setup(
         "numpy",
         "scikit-learn",
         "matplotlib",
+        "soundfile",  # FLAC input of the speech preparation (fairseq's own audio reader)
+        "editdistance",  # fairseq-generate --scoring wer
     ],
     extras_require={"test": ["pytest"]},
     entry_points={
@@ -28,6 +30,8 @@ setup(
             "fairseq-pdd-toy-data = fairseq_pdd.toy_data:main",
             "fairseq-pdd-evaluate = fairseq_pdd.evaluation.cli:main",
             "fairseq-pdd-generate = fairseq_pdd.generate:cli_main",
+            "fairseq-pdd-prepare-librispeech = fairseq_pdd.librispeech:main",
+            "fairseq-pdd-asr-toy-data = fairseq_pdd.asr_toy_data:main",
         ]
     },
 )

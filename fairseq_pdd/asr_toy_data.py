@@ -21,6 +21,18 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+#: fairseq-train options of the tiny VGG-Transformer that learns the toy corpus on a CPU (task speech_to_text
+#: or asr_distillation, data prepared by ``fairseq_pdd.librispeech`` with subsets train/dev/test).
+TINY_VGG_TRANSFORMER = ["--arch", "pdd_vggtransformer_tiny"]
+TINY_ASR_TRAINING = [
+    "--train-subset", "train", "--valid-subset", "dev",
+    "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "30",
+    "--max-tokens", "1500", "--cpu", "--no-progress-bar", "--log-format", "simple", "--log-interval", "50",
+    "--no-epoch-checkpoints", "--num-workers", "0",
+]
+#: sentencepiece units for the toy corpus: every in-domain word but "one" becomes a single unit
+TOY_VOCAB_SIZE = 28
+
 WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 OOD_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
 SAMPLE_RATE = 16000
