@@ -3,11 +3,12 @@
 Every word of a small vocabulary is a distinct *tone pattern*: two consecutive 70 ms tones, each a
 note and its fifth (frequency x 1.5), the word's own ordered pair out of five notes spread
 geometrically over 300-2400 Hz. An utterance is 2-4 words separated by short pauses, spoken by a
-"speaker" who shifts all frequencies by up to +-3 %, scales the amplitude and adds noise; word and pause lengths
-vary too. Under the words runs a quiet "intonation" tone gliding from 400 Hz down to 100 Hz over
-the utterance: the VGG-Transformer's encoder has no positional embeddings, and like the pitch
-declination of real speech the glide tells it where in the utterance a frame lies, so the order of
-the words is learnable from frames a few words apart. A tiny VGG-Transformer learns to transcribe it in a few CPU epochs.
+"speaker" who shifts all frequencies by up to +-3 %, scales the amplitude and adds noise; word and
+pause lengths vary too. Under the words runs a quiet "intonation" tone whose pitch steps down word by word
+(250, 200, 160, 125 Hz, below every note): the VGG-Transformer's encoder has no positional embeddings, and like the
+prosody of real speech this tells it which word of the utterance a frame belongs to, so the order of
+the words is learnable by a one-layer decoder. A tiny VGG-Transformer learns to transcribe it in a few
+CPU epochs.
 
 ``write_subset`` writes ``ROOT/SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac`` (16-bit FLAC) and
 ``SPEAKER-CHAPTER.trans.txt`` (upper-case transcripts, like LibriSpeech). Subsets get disjoint
@@ -40,6 +41,7 @@ NUM_NOTES = 5  #: 20 ordered note pairs: enough for either vocabulary
 IN_DOMAIN_BAND = (300.0, 2400.0)
 OOD_BAND = (4000.0, 5200.0)
 TONE_SECONDS = 0.07
+INTONATION_HZ = (250.0, 200.0, 160.0, 125.0)  #: background pitch under the 1st, 2nd, 3rd, 4th (and later) word
 
 
 def word_frequencies(index: int, band: Sequence[float] = IN_DOMAIN_BAND) -> np.ndarray:
@@ -54,17 +56,23 @@ def synthesize(words: Sequence[int], rng: np.random.Generator, sample_rate: int 
     """One utterance (float32 samples in [-1, 1]) of the given word indices, with a random speaker."""
     shift = 1.0 + rng.uniform(-0.03, 0.03)
     amplitude = rng.uniform(0.2, 0.5)
-    pieces = [np.zeros(int(rng.uniform(0.03, 0.08) * sample_rate))]
-    for w in words:
+    pieces, pitch = [], []  # word sounds and pauses; the intonation pitch under each sample
+
+    def add(samples, k):
+        pieces.append(samples)
+        pitch.append(np.full(samples.size, INTONATION_HZ[min(k, len(INTONATION_HZ) - 1)]))
+
+    for k, w in enumerate(words):
+        add(np.zeros(int(rng.uniform(0.03, 0.08) * sample_rate)), k)
         for tone in word_frequencies(w, band):
             n = int(TONE_SECONDS * rng.uniform(0.85, 1.15) * sample_rate)
             t = np.arange(n) / sample_rate
             wave = sum(np.sin(2 * np.pi * f * shift * t + rng.uniform(0, 2 * np.pi)) for f in tone)
-            pieces.append(amplitude * 0.5 * wave * np.hanning(n))
-        pieces.append(np.zeros(int(rng.uniform(0.03, 0.08) * sample_rate)))
+            add(amplitude * 0.5 * wave * np.hanning(n), k)
+    add(np.zeros(int(rng.uniform(0.03, 0.08) * sample_rate)), len(words) - 1)
     audio = np.concatenate(pieces)
-    glide = np.linspace(400.0, 100.0, audio.size) * shift
-    audio = audio + 0.3 * amplitude * np.sin(2 * np.pi * np.cumsum(glide) / sample_rate)
+    intonation = np.concatenate(pitch) * shift
+    audio = audio + 0.3 * amplitude * np.sin(2 * np.pi * np.cumsum(intonation) / sample_rate)
     audio = audio + rng.normal(0.0, 0.01, audio.size)
     return np.clip(audio, -1.0, 1.0).astype(np.float32)
 
