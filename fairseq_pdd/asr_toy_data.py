@@ -1,18 +1,17 @@
 """A synthetic speech corpus in LibriSpeech's layout, for the ASR tests and demo.
 
-Every word of a small vocabulary is a distinct *tone pattern*: two consecutive 70 ms tones, each a
-note and its fifth (frequency x 1.5), the word's own ordered pair out of five notes spread
-geometrically over 300-2400 Hz. An utterance is 2-4 words separated by short pauses, spoken by a
-"speaker" who shifts all frequencies by up to +-3 %, scales the amplitude and adds noise; word and
-pause lengths vary too. Under the words runs a quiet "intonation" tone whose pitch steps down word by word
-(250, 200, 160, 125 Hz, below every note): the VGG-Transformer's encoder has no positional embeddings, and like the
-prosody of real speech this tells it which word of the utterance a frame belongs to, so the order of
-the words is learnable by a one-layer decoder. A tiny VGG-Transformer learns to transcribe it in a few
-CPU epochs.
+Every word of a small vocabulary is a distinct *chord*: a 120 ms sound of two notes, the word's own
+pair out of five notes spread geometrically over 300-2400 Hz. An utterance is 2-4 words separated by
+short pauses, spoken by a "speaker" who shifts all frequencies by up to +-3 %, scales the amplitude
+and adds noise; word and pause lengths vary too. Under the words runs a quiet "intonation" tone whose
+pitch steps down word by word (250, 200, 160, 125 Hz, below every note): the VGG-Transformer's
+encoder has no positional embeddings, and like the prosody of real speech this tells it which word of
+the utterance a frame belongs to, so the order of the words is learnable by a one-layer decoder. A
+tiny VGG-Transformer learns to transcribe it (roughly) in a few CPU epochs.
 
 ``write_subset`` writes ``ROOT/SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac`` (16-bit FLAC) and
 ``SPEAKER-CHAPTER.trans.txt`` (upper-case transcripts, like LibriSpeech). Subsets get disjoint
-speaker ids. ``OOD_WORDS`` are other words made of notes in a band the in-domain words never use
+speaker ids. ``OOD_WORDS`` are other words, chords of notes in a band the in-domain words never use
 (4-5.2 kHz): the toy analogue of another corpus or language.
 """
 import argparse
@@ -23,12 +22,13 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 #: fairseq-train options of the tiny VGG-Transformer that learns the toy corpus on a CPU (task speech_to_text
-#: or asr_distillation, data prepared by ``fairseq_pdd.librispeech`` with subsets train/dev/test).
+#: or asr_distillation, data prepared by ``fairseq_pdd.librispeech`` with subsets train/dev/test). Small
+#: batches (300 frames, about 4 utterances): the attention needs many updates more than large batches.
 TINY_VGG_TRANSFORMER = ["--arch", "pdd_vggtransformer_tiny"]
 TINY_ASR_TRAINING = [
     "--train-subset", "train", "--valid-subset", "dev",
-    "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "30",
-    "--max-tokens", "1500", "--cpu", "--no-progress-bar", "--log-format", "simple", "--log-interval", "50",
+    "--optimizer", "adam", "--lr", "3e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "50",
+    "--max-tokens", "300", "--cpu", "--no-progress-bar", "--log-format", "simple", "--log-interval", "50",
     "--no-epoch-checkpoints", "--num-workers", "0",
 ]
 #: sentencepiece units for the toy corpus: every in-domain word but "one" becomes a single unit
@@ -37,18 +37,18 @@ TOY_VOCAB_SIZE = 28
 WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 OOD_WORDS = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
 SAMPLE_RATE = 16000
-NUM_NOTES = 5  #: 20 ordered note pairs: enough for either vocabulary
+NUM_NOTES = 5  #: 10 pairs of notes: one chord per in-domain word
 IN_DOMAIN_BAND = (300.0, 2400.0)
 OOD_BAND = (4000.0, 5200.0)
-TONE_SECONDS = 0.07
+WORD_SECONDS = 0.12
 INTONATION_HZ = (250.0, 200.0, 160.0, 125.0)  #: background pitch under the 1st, 2nd, 3rd, 4th (and later) word
 
 
 def word_frequencies(index: int, band: Sequence[float] = IN_DOMAIN_BAND) -> np.ndarray:
-    """The frequencies (Hz) of the two tones of word ``index``: an ordered pair of distinct notes out of
-    five spread geometrically over ``band`` (far enough apart that a speaker's shift never confuses them)."""
+    """The two notes (Hz) of word ``index``'s chord: its own pair out of five notes spread geometrically
+    over ``band`` (far enough apart that a speaker's shift never confuses them)."""
     notes = np.geomspace(band[0], band[1], NUM_NOTES)
-    return notes[list(itertools.permutations(range(NUM_NOTES), 2))[index], None] * np.array([1.0, 1.5])
+    return notes[list(itertools.combinations(range(NUM_NOTES), 2))[index], ]
 
 
 def synthesize(words: Sequence[int], rng: np.random.Generator, sample_rate: int = SAMPLE_RATE,
@@ -64,11 +64,10 @@ def synthesize(words: Sequence[int], rng: np.random.Generator, sample_rate: int 
 
     for k, w in enumerate(words):
         add(np.zeros(int(rng.uniform(0.03, 0.08) * sample_rate)), k)
-        for tone in word_frequencies(w, band):
-            n = int(TONE_SECONDS * rng.uniform(0.85, 1.15) * sample_rate)
-            t = np.arange(n) / sample_rate
-            wave = sum(np.sin(2 * np.pi * f * shift * t + rng.uniform(0, 2 * np.pi)) for f in tone)
-            add(amplitude * 0.5 * wave * np.hanning(n), k)
+        n = int(WORD_SECONDS * rng.uniform(0.85, 1.15) * sample_rate)
+        t = np.arange(n) / sample_rate
+        chord = sum(np.sin(2 * np.pi * f * shift * t + rng.uniform(0, 2 * np.pi)) for f in word_frequencies(w, band))
+        add(amplitude * 0.5 * chord * np.hanning(n), k)
     add(np.zeros(int(rng.uniform(0.03, 0.08) * sample_rate)), len(words) - 1)
     audio = np.concatenate(pieces)
     intonation = np.concatenate(pitch) * shift

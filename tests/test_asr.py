@@ -228,8 +228,9 @@ def test_wer_of_student_and_ensemble_beats_untrained(asr):
     student = wer(asr.stdout[("student", "test")])  # fairseq-pdd-generate (Dirichlet mean)
     ensemble = wer(asr.stdout[("ensemble", "test")])
     print(f"WER untrained {untrained}, ensemble {ensemble}, student {student} (plain decoding {student_plain})")
-    assert untrained >= 90
-    assert max(student, student_plain, ensemble) < untrained - 20
+    assert untrained > 150  # an untrained decoder rambles on (about 270 % here)
+    assert ensemble < 75  # about 55 % here after 8 epochs
+    assert max(student, student_plain) < 95  # about 85 % here after 8 epochs from scratch
 
 
 def test_uncertainty_records(asr):
