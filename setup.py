@@ -20,6 +20,8 @@ setup(
         "numpy",
         "scikit-learn",
         "matplotlib",
+        "soundfile",  # FLAC input of the speech preparation (fairseq's own audio reader)
+        "editdistance",  # fairseq-generate --scoring wer
     ],
     extras_require={"test": ["pytest"]},
     entry_points={
@@ -31,6 +33,8 @@ setup(
             "fairseq-pdd-cache = fairseq_pdd.teacher_cache:cli_main",
             "fairseq-pdd-estimate-gt-weight = fairseq_pdd.estimate_gt_weight:main",
             "fairseq-pdd-chain-report = fairseq_pdd.chain_report:main",
+            "fairseq-pdd-prepare-librispeech = fairseq_pdd.librispeech:main",
+            "fairseq-pdd-asr-toy-data = fairseq_pdd.asr_toy_data:main",
         ]
     },
 )

@@ -1,7 +1,7 @@
 """fairseq_pdd: ensemble distribution distillation (PD-EnD2 and baselines) as a fairseq plugin.
 
 ``fairseq-train --user-dir $(fairseq-pdd-user-dir)`` imports this package after fairseq, which
-registers its criteria and tasks and installs the weights-only checkpoint allow-list
+registers its criteria, tasks and models and installs the weights-only checkpoint allow-list
 (:func:`register`). Imported without fairseq (the pure-torch math, the evaluation, the toy data),
 it does not import fairseq; a tool that drives fairseq in-process calls :func:`register` itself.
 """
@@ -15,7 +15,7 @@ def register() -> None:
     from fairseq_pdd import checkpoints
 
     checkpoints.install()
-    from fairseq_pdd import criterions, tasks  # noqa: F401  (registration on first import)
+    from fairseq_pdd import criterions, models, tasks  # noqa: F401  (registration on first import)
 
 
 if "fairseq" in sys.modules:  # imported by fairseq's --user-dir (or after fairseq by a script)

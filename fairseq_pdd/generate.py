@@ -291,3 +291,7 @@ def cli_main() -> None:
         main(args)
     except PredictiveOptionError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    cli_main()

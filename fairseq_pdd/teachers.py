@@ -10,7 +10,8 @@ import logging
 import math
 import os
 import re
-from typing import List, Optional, Sequence
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from fairseq.data import Dictionary, data_utils
@@ -34,10 +35,24 @@ def split_paths(paths: Optional[str]) -> List[str]:
     return [p for p in re.split(r"[:,]", paths or "") if p.strip()]
 
 
-def _teacher_dictionaries(cfg, path: str):
-    """The teacher's own ``(source, target)`` dictionaries from its data directory, if still there."""
+def _speech_dictionaries(cfg, data_dir: str, path: str) -> Optional[Dict[str, Dictionary]]:
+    """A speech_to_text teacher's target dictionary, named by its data's config YAML."""
+    from fairseq.data.audio.data_cfg import S2TDataConfig
+
+    config = Path(data_dir) / cfg.task.config_yaml
+    vocab = Path(data_dir) / S2TDataConfig(config).vocab_filename if config.is_file() else None
+    if vocab is None or not vocab.is_file():
+        logger.warning("teacher %s: its vocabulary (%s) is not readable here; checking its size only", path, config)
+        return None
+    return {"target": Dictionary.load(str(vocab))}
+
+
+def _teacher_dictionaries(cfg, path: str) -> Optional[Dict[str, Dictionary]]:
+    """The teacher's own dictionaries by role (``source``, ``target``) from its data directory, if still there."""
     data = getattr(cfg.task, "data", None)
     data_dir = str(data).split(":")[0] if data else ""
+    if getattr(cfg.task, "config_yaml", None):  # speech_to_text: no source dictionary
+        return _speech_dictionaries(cfg, data_dir, path)
     src, tgt = getattr(cfg.task, "source_lang", None), getattr(cfg.task, "target_lang", None)
     if os.path.isdir(data_dir) and (src is None or tgt is None):
         src, tgt = data_utils.infer_language_pair(data_dir)
@@ -49,10 +64,29 @@ def _teacher_dictionaries(cfg, path: str):
             data_dir,
         )
         return None
-    return tuple(Dictionary.load(p) for p in paths)
+    return dict(zip(("source", "target"), (Dictionary.load(p) for p in paths)))
 
 
-def _check_dictionary(path: str, role: str, theirs: Dictionary, ours: Dictionary) -> None:
+def _check_feature_dimension(path: str, cfg, task) -> None:
+    """A speech teacher must have been trained on features of the data's dimension."""
+    data_cfg = getattr(task, "data_cfg", None)
+    theirs = getattr(cfg.model, "input_feat_per_channel", None)
+    if data_cfg is None or theirs is None:
+        return
+    ours = data_cfg.input_feat_per_channel
+    if int(theirs) != int(ours):
+        raise TeacherError(
+            f"teacher {path} was trained on {theirs}-dim speech features but the task's data has {ours}-dim "
+            "ones (input_feat_per_channel in its config.yaml): prepare the data as for the teachers"
+        )
+
+
+MT_HINT = ("Binarise the student's data with the teachers' dictionaries (fairseq-preprocess "
+           "--srcdict/--tgtdict).")
+SPEECH_HINT = "Prepare the student's data with the teachers' sentencepiece vocabulary and dictionary."
+
+
+def _check_dictionary(path: str, role: str, theirs: Dictionary, ours: Dictionary, hint: str = MT_HINT) -> None:
     if theirs.symbols != ours.symbols:
         diff = next(
             (i for i, (a, b) in enumerate(zip(theirs.symbols, ours.symbols)) if a != b),
@@ -60,9 +94,7 @@ def _check_dictionary(path: str, role: str, theirs: Dictionary, ours: Dictionary
         )
         raise TeacherError(
             f"teacher {path} was trained with a different {role} dictionary "
-            f"({len(theirs)} symbols vs the data's {len(ours)}; first difference at index {diff}). "
-            "Binarise the student's data with the teachers' dictionaries (fairseq-preprocess "
-            "--srcdict/--tgtdict)."
+            f"({len(theirs)} symbols vs the data's {len(ours)}; first difference at index {diff}). {hint}"
         )
 
 
@@ -81,13 +113,17 @@ def load_teacher(path: str, task):
     if cfg is None:
         raise TeacherError(f"teacher {path} has no 'cfg' (a checkpoint from a very old fairseq?)")
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    own = _teacher_dictionaries(cfg, path)
-    if own is not None:
-        _check_dictionary(path, "source", own[0], task.source_dictionary)
-        _check_dictionary(path, "target", own[1], task.target_dictionary)
+    ours = {"source": task.source_dictionary, "target": task.target_dictionary}
+    ours = {role: d for role, d in ours.items() if d is not None}  # speech: target only
+    own = _teacher_dictionaries(cfg, path) or {}
+    for role, dictionary in ours.items():
+        if role in own:
+            _check_dictionary(path, role, own[role], dictionary, MT_HINT if "source" in ours else SPEECH_HINT)
     weights = state["model"]
-    _check_embedding_size(path, weights, "encoder.embed_tokens.weight", "source", len(task.source_dictionary))
-    _check_embedding_size(path, weights, "decoder.embed_tokens.weight", "target", len(task.target_dictionary))
+    for role, key in (("source", "encoder.embed_tokens.weight"), ("target", "decoder.embed_tokens.weight")):
+        if role in ours:
+            _check_embedding_size(path, weights, key, role, len(ours[role]))
+    _check_feature_dimension(path, cfg, task)
     model = build_model(cfg.model, task)
     try:
         model.load_state_dict(weights, strict=True, model_cfg=cfg.model)

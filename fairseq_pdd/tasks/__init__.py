@@ -1,1 +1,1 @@
-from fairseq_pdd.tasks import distillation  # noqa: F401  (registers the tasks)
+from fairseq_pdd.tasks import asr_distillation, distillation  # noqa: F401  (registers the tasks)

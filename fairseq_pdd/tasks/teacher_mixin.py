@@ -48,31 +48,36 @@ class TeacherEnsembleConfig:
 
 
 class TeacherEnsembleMixin:
-    """Mixed into a FairseqTask whose cfg carries :class:`TeacherEnsembleConfig`'s fields."""
+    """Mixed into a FairseqTask whose options (``cfg``, or ``args`` for a legacy task such as
+    ``speech_to_text``) carry :class:`TeacherEnsembleConfig`'s fields."""
 
     teachers = None
 
+    @property
+    def teacher_options(self):
+        return self.cfg if getattr(self, "cfg", None) is not None else self.args
+
     def teacher_dtype(self) -> torch.dtype:
-        if self.cfg.fp16_ensemble and self.cfg.bf16_ensemble:
+        if self.teacher_options.fp16_ensemble and self.teacher_options.bf16_ensemble:
             raise ValueError("--fp16-ensemble and --bf16-ensemble are exclusive")
-        if self.cfg.fp16_ensemble:
+        if self.teacher_options.fp16_ensemble:
             return torch.float16
-        return torch.bfloat16 if self.cfg.bf16_ensemble else torch.float32
+        return torch.bfloat16 if self.teacher_options.bf16_ensemble else torch.float32
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
-        if not self.cfg.teacher_cache:
+        if not self.teacher_options.teacher_cache:
             return
         if not hasattr(self, "_teacher_caches"):
             self._teacher_caches = {}
-            self._teacher_fingerprint = teacher_fingerprint(split_paths(self.cfg.ensemble_paths))
+            self._teacher_fingerprint = teacher_fingerprint(split_paths(self.teacher_options.ensemble_paths))
         wrapped = cache_dataset.wrap(
             self.datasets[split],
-            self.cfg.teacher_cache,
+            self.teacher_options.teacher_cache,
             split,
             self,
             self._teacher_fingerprint,
-            not self.cfg.teacher_cache_skip_checksums,
+            not self.teacher_options.teacher_cache_skip_checksums,
             self._teacher_caches.get(split),
         )
         if split not in self._teacher_caches:
@@ -85,10 +90,11 @@ class TeacherEnsembleMixin:
         self._teacher_caches[split] = wrapped.cache
         self.datasets[split] = wrapped
 
-    def build_criterion(self, cfg, from_checkpoint=False):
-        criterion = super().build_criterion(cfg, from_checkpoint)
-        if getattr(criterion, "needs_ensemble", False) and self.teachers is None and not self.cfg.teacher_cache:
-            paths = split_paths(self.cfg.ensemble_paths)
+    def build_criterion(self, cfg, *args, **kwargs):
+        criterion = super().build_criterion(cfg, *args, **kwargs)
+        options = self.teacher_options
+        if getattr(criterion, "needs_ensemble", False) and self.teachers is None and not options.teacher_cache:
+            paths = split_paths(self.teacher_options.ensemble_paths)
             if not paths:
                 raise TeacherError(
                     f"criterion '{cfg._name}' distils an ensemble but --ensemble-paths is empty (and no --teacher-cache)"
