@@ -14,7 +14,7 @@ OUT=$WORK/distill/text
 ENSEMBLE=$(ensemble)
 # shellcheck disable=SC2034
 generate_args=(--path "$ENSEMBLE" --beam "$DISTILL_BEAM" --nbest "$DISTILL_NBEST" --max-tokens "$GEN_MAX_TOKENS"
-  --user-dir "$USER_DIR" "${gen_device_args[@]}" "${gen_extra[@]}")
+  --user-dir "$USER_DIR" "${gen_args[@]}" "${gen_extra[@]}")
 
 if [ "$DISTILL_NBEST" != 1 ]; then
   echo "error: DISTILL_NBEST=$DISTILL_NBEST: the distillation data takes one translation per source (1)" >&2

@@ -19,10 +19,10 @@ decode() {
   run fairseq-pdd-generate "$data" --user-dir "$USER_DIR" --path "$path" --gen-subset "$subset" \
     --beam "$BEAM" --nbest "$NBEST" --max-tokens "$GEN_MAX_TOKENS" \
     --bpe sentencepiece --sentencepiece-model "$SPM_MODEL" --scoring sacrebleu --uncertainty-reference \
-    --results-path "$out" --distributed-world-size 1 "${gen_device_args[@]}" "${gen_extra[@]}"
+    --results-path "$out" --distributed-world-size 1 "${gen_args[@]}" "${gen_extra[@]}"
 }
 
-# evaluate OUT_DIR IN_DOMAIN [--system ... --ood ...]: the report, written to OUT_DIR as a whole
+# evaluate OUT_DIR IN_DOMAIN [ARGS...]: the report (ARGS: --system, --ood, ...), written to OUT_DIR as a whole
 evaluate() {
   local out=$1 in_domain=$2
   shift 2
@@ -50,7 +50,9 @@ done
 for subset in "${ood[@]}"; do ood_args+=(--ood "$subset=uncertainty-$subset.jsonl"); done
 
 stage "5/5 evaluate: BLEU, OOD detection, error detection, calibration -> $EVAL_DIR/test/report.json"
-evaluate "$EVAL_DIR/test" uncertainty-test.jsonl "${system_args[@]}" "${ood_args[@]}"
+plots=()
+[ "$EVAL_PLOTS" = 1 ] || plots=(--no-plots)
+evaluate "$EVAL_DIR/test" uncertainty-test.jsonl "${system_args[@]}" "${ood_args[@]}" "${plots[@]}"
 
 if [ "$EVAL_ENS_PRED" = 1 ] && [ -n "$CRITERIA" ]; then
   for i in "${!systems[@]}"; do
@@ -59,5 +61,5 @@ if [ "$EVAL_ENS_PRED" = 1 ] && [ -n "$CRITERIA" ]; then
     decode "${systems[$i]}" "${paths[$i]}" "$DISTILL_DATA" test_ens_pred
   done
   stage "5/5 evaluate the students against the ensemble's translations -> $EVAL_DIR/test_ens_pred/report.json"
-  evaluate "$EVAL_DIR/test_ens_pred" uncertainty-test_ens_pred.jsonl "${system_args[@]:2}"
+  evaluate "$EVAL_DIR/test_ens_pred" uncertainty-test_ens_pred.jsonl "${system_args[@]:2}" --no-plots
 fi

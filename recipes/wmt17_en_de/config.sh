@@ -56,7 +56,7 @@ source "$RECIPE_DIR/../lib.sh"
 : "${DISTILL_BEAM:=5}" "${DISTILL_NBEST:=1}"       # the ensemble's translations of the training set
 : "${DECODE_SHARDS:=$((NGPU * NNODES))}"           # train-set decoding: one shard per GPU
 : "${BEAM:=5}" "${NBEST:=5}"                       # evaluation decoding
-: "${EVAL_NBEST:=1}" "${EVAL_WEIGHTING:=bs}" "${EVAL_ENS_PRED:=1}"
+: "${EVAL_NBEST:=1}" "${EVAL_WEIGHTING:=bs}" "${EVAL_PLOTS:=1}" "${EVAL_ENS_PRED:=1}"
 
 # shellcheck disable=SC2206
 model_args=($MODEL_ARGS)
@@ -71,14 +71,18 @@ if [ "${#seeds[@]}" -ne "$M" ]; then
 fi
 SPM_MODEL=$SPM_PREFIX.model
 
-# device options of fairseq-train (teachers: --fp16; students: also the teachers in fp16)
-teacher_device_args=() student_device_args=() gen_device_args=()
+# device options of fairseq-train (teachers: --fp16; students: also the teachers in fp16) and the
+# options of every decoding
+teacher_device_args=() student_device_args=() gen_args=()
 if [ "$FP16" = 1 ]; then
   teacher_device_args=(--fp16)
   student_device_args=(--fp16 --memory-efficient-fp16 --fp16-ensemble)
-  gen_device_args=(--fp16)
+  gen_args=(--fp16)
 fi
-[ "$DEVICE" != cpu ] || gen_device_args+=(--cpu)
+[ "$DEVICE" != cpu ] || gen_args+=(--cpu)
+# fairseq's batching drops the last batch of a split when its size is not a multiple of
+# --required-batch-size-multiple (default 8; fairseq issue #5036): decoding must see every sentence
+gen_args+=(--required-batch-size-multiple 1)
 
 # optimiser options of every fairseq-train run: clip norm and dropout differ between teachers and students
 optim_args() {
