@@ -5,7 +5,8 @@ Everything streams line by line (WMT17 En-De has ~5.9M training pairs) and write
 temporary name renamed at the end, so an interrupted run never leaves a file that looks finished.
 No fairseq import: the recipes call fairseq's own CLIs for binarisation and decoding.
 
-Command line (``python -m fairseq_pdd.mt_data SUBCOMMAND``)::
+Command line (``python -m fairseq_pdd.mt_data SUBCOMMAND``; the recipes run the file itself,
+``python fairseq_pdd/mt_data.py SUBCOMMAND``, which skips the package's import of fairseq)::
 
     spm-train --input train.en train.de --model-prefix spm --vocab-size 40000
     encode --model spm.model --input train.en valid.en --output enc/train.en enc/valid.en

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -25,17 +26,23 @@ CRITERION = "rkl_dirichlet_proxy_distillation"
 
 def write_wmt_layout(raw_dir: str, toy_dir: str) -> None:
     """The toy corpus under the WMT17 file names: train split over the three corpora, valid as
-    newstest2013, test as newstest2014."""
+    newstest2013, test as newstest2014. News Commentary is left in its (already "downloaded")
+    archive, training/news-commentary-v12.de-en.* in downloads/training-parallel-nc-v12.tgz, so the
+    recipe's extraction runs too."""
     write_corpus(toy_dir, {"train": 270, "valid": 37, "test": 43}, src="en", tgt="de", seed=1)
-    os.makedirs(raw_dir)
+    os.makedirs(os.path.join(raw_dir, "downloads"))
+    archived = os.path.join(toy_dir, "training")
+    os.makedirs(archived)
     for lang in ("en", "de"):
-        train = mt_data.iter_lines(os.path.join(toy_dir, f"train.{lang}"))
-        lines = list(train)
+        lines = list(mt_data.iter_lines(os.path.join(toy_dir, f"train.{lang}")))
         for i, name in enumerate(CORPORA):
-            with open(os.path.join(raw_dir, f"{name}.{lang}"), "w") as f:
+            folder = archived if name.startswith("news-commentary") else raw_dir
+            with open(os.path.join(folder, f"{name}.{lang}"), "w") as f:
                 f.writelines(line + "\n" for line in lines[i::len(CORPORA)])
         for split, name in (("valid", "newstest2013"), ("test", "newstest2014")):
             os.link(os.path.join(toy_dir, f"{split}.{lang}"), os.path.join(raw_dir, f"{name}.{lang}"))
+    with tarfile.open(os.path.join(raw_dir, "downloads", "training-parallel-nc-v12.tgz"), "w:gz") as tar:
+        tar.add(archived, arcname="training")
 
 
 def recipe_env(**overrides) -> dict:
@@ -90,7 +97,7 @@ def hypotheses_by_id(*paths):
 
 
 def test_prepare_binarises_with_one_joined_dictionary(recipe):
-    _, work, _, log = recipe
+    root, work, _, log = recipe
     data = work / "data-bin"
     assert (work / "spm" / "spm.model").exists()
     assert (data / "dict.en.txt").read_text() == (data / "dict.de.txt").read_text()
@@ -103,6 +110,9 @@ def test_prepare_binarises_with_one_joined_dictionary(recipe):
     assert test_src != perm_src and [sorted(s.split()) for s in test_src] == [sorted(s.split()) for s in perm_src]
     assert binarised(str(data), "test", "de") == binarised(str(data), "perm", "de")
     assert "fairseq-preprocess" in log and "--joined-dictionary" in log
+    assert "curl" not in log and "tar -xzOf" in log  # the archive found in RAW_DIR/downloads, extracted
+    nc = (root / "raw" / "news-commentary-v12.de-en.de").read_text()
+    assert nc == (root / "toy" / "training" / "news-commentary-v12.de-en.de").read_text() != ""
 
 
 def test_distillation_targets_are_the_ensembles_hypotheses(recipe):
@@ -190,6 +200,7 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
     assert all("--required-batch-size-multiple 1" in d and "--distributed-world-size" in d for d in decodes)
     assert "fairseq-pdd-generate" in text and "--bpe sentencepiece" in text and "--scoring sacrebleu" in text
     assert "--gen-subset perm" in text and "--gen-subset dede" in text and "fairseq-pdd-evaluate" in text
+    assert "--in-domain uncertainty-test_ens_pred.jsonl" in text
 
 
 @pytest.mark.parametrize("ids, problem", [([0, 2], r"no hypothesis for 1 \(1\)"), ([0, 1, 2, 3], "beyond")])

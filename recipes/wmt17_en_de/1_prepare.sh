@@ -43,8 +43,12 @@ fetch_corpus() {  # fetch_corpus NAME: $RAW_DIR/NAME.{SRC,TGT} from its archive
   fi
   for lang in "$SRC" "$TGT"; do
     done_already "$RAW_DIR/$name.$lang" && continue
-    if [ "$DRY_RUN" = 1 ]; then member="*/$name.$lang"
-    else member=$(tar -tzf "$archive" | grep -E "(^|/)$name\.$lang\$" | head -1); fi
+    member="*/$name.$lang"
+    if [ "$DRY_RUN" != 1 ]; then
+      member=$(tar -tzf "$archive" | grep -F "$name.$lang" || true)
+      member=${member%%$'\n'*}
+      if [ -z "$member" ]; then echo "error: $archive has no file $name.$lang" >&2; exit 1; fi
+    fi
     run_to "$RAW_DIR/$name.$lang" tar -xzOf "$archive" --wildcards "$member"
   done
 }

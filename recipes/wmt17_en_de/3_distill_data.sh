@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage 3: sequence-level distillation data. The teacher ensemble translates the training sources
-# (beam DISTILL_BEAM, n-best DISTILL_NBEST; DECODE_SHARDS shards, one per GPU, NGPU on each node);
+# (beam DISTILL_BEAM, n-best DISTILL_NBEST; one shard per GPU of the NNODES x NGPU);
 # the hypotheses are put back in sample-id order and binarised with the teachers' dictionaries as
 # the students' training set: $DISTILL_DATA/train holds only the ensemble's translations (the
 # authors' `--upsample-primary 0` set-up, as a dedicated data folder). valid_ens_pred / test_ens_pred
@@ -23,23 +23,25 @@ fi
 
 # fairseq-generate shards a split over --distributed-world-size (default: every visible GPU), so the
 # world size is always given; shard r of w decodes every w-th batch and keeps the global sample ids.
-stage "3/5 distillation data: the ensemble translates train (DECODE_SHARDS=$DECODE_SHARDS) -> $GEN"
+# One shard per GPU: node n decodes shards n*NGPU .. n*NGPU+NGPU-1 of NGPU*NNODES.
+SHARDS=$((NGPU * NNODES))
+stage "3/5 distillation data: the ensemble translates train ($SHARDS shards) -> $GEN"
+IFS=, read -r -a visible <<< "${CUDA_VISIBLE_DEVICES:-}"
 pids=() status=0
 for ((i = 0; i < NGPU; i++)); do
   shard=$((NODE_RANK * NGPU + i))
-  [ "$shard" -lt "$DECODE_SHARDS" ] || break
-  out=$GEN/train.$shard-of-$DECODE_SHARDS.txt
+  out=$GEN/train.$shard-of-$SHARDS.txt
   done_already "$out" && continue
   device=()
-  [ "$DEVICE" = cpu ] || device=(env CUDA_VISIBLE_DEVICES="$i")
+  [ "$DEVICE" = cpu ] || device=(env CUDA_VISIBLE_DEVICES="${visible[$i]:-$i}")
   run_to "$out" "${device[@]}" fairseq-generate "$DATA" --gen-subset train "${generate_args[@]}" \
-    --distributed-world-size "$DECODE_SHARDS" --distributed-rank "$shard" &
+    --distributed-world-size "$SHARDS" --distributed-rank "$shard" &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
 [ "$status" -eq 0 ] || exit "$status"
 shards=()
-for ((r = 0; r < DECODE_SHARDS; r++)); do shards+=("$GEN/train.$r-of-$DECODE_SHARDS.txt"); done
+for ((r = 0; r < SHARDS; r++)); do shards+=("$GEN/train.$r-of-$SHARDS.txt"); done
 
 if [ "$NODE_RANK" != 0 ]; then  # node 0 binarises once every node's shards are there
   wait_for "$DISTILL_DATA/dict.$TGT.txt"

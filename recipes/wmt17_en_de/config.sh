@@ -54,7 +54,6 @@ source "$RECIPE_DIR/../lib.sh"
 # --- decoding --------------------------------------------------------------------------------------
 : "${GEN_MAX_TOKENS:=2048}"
 : "${DISTILL_BEAM:=5}" "${DISTILL_NBEST:=1}"       # the ensemble's translations of the training set
-: "${DECODE_SHARDS:=$((NGPU * NNODES))}"           # train-set decoding: one shard per GPU
 : "${BEAM:=5}" "${NBEST:=5}"                       # evaluation decoding
 : "${EVAL_NBEST:=1}" "${EVAL_WEIGHTING:=bs}" "${EVAL_PLOTS:=1}" "${EVAL_ENS_PRED:=1}"
 
