@@ -165,7 +165,7 @@ def test_rerun_skips_every_finished_step(recipe):
 
 
 def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
-    env = recipe_env(DRY_RUN="1", WORK="work")
+    env = recipe_env(DRY_RUN="1", WORK="work", OOD_OTHER_SOURCES="fr=newstest2014.fr")
     for name in ("NGPU", "DEVICE", "M", "SEEDS", "MODEL_ARGS", "EXTRA", "CRITERIA"):
         env.pop(name, None)
     proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], cwd=tmp_path, env=env, capture_output=True,
@@ -196,7 +196,10 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
     assert "--vocab-size 40000" in text and "--joined-dictionary" in text
     assert "--gen-subset train --path" in text and "--beam 5 --nbest 1" in text
     decodes = [line for line in lines if "fairseq-generate" in line or "fairseq-pdd-generate" in line]
-    assert len(decodes) == 3 + 3 * 3 + 2  # train/valid/test; test/perm/dede x 3 systems; test_ens_pred x 2
+    assert len(decodes) == 3 + 4 * 3 + 2  # train/valid/test; test/perm/dede/fr x 3 systems; test_ens_pred x 2
+    assert "swap --other-source newstest2014.fr --target work/text/raw/test.de --truncate" in text
+    assert "--testpref work/text/spm/test\\,work/text/spm/perm\\,work/text/spm/dede\\,work/text/spm/fr" in text
+    assert "--ood perm=uncertainty-perm.jsonl --ood dede=uncertainty-dede.jsonl --ood fr=uncertainty-fr.jsonl" in text
     assert all("--required-batch-size-multiple 1" in d and "--distributed-world-size" in d for d in decodes)
     assert "fairseq-pdd-generate" in text and "--bpe sentencepiece" in text and "--scoring sacrebleu" in text
     assert "--gen-subset perm" in text and "--gen-subset dede" in text and "fairseq-pdd-evaluate" in text
@@ -235,3 +238,22 @@ def test_clean_follows_the_moses_length_and_ratio_rule(tmp_path):
     (tmp_path / "t").write_text("x\n")
     with pytest.raises(ValueError, match="differ in length"):
         mt_data.clean_parallel(str(tmp_path / "s"), str(tmp_path / "t"), str(tmp_path / "cs"), str(tmp_path / "ct"))
+
+
+def test_dry_run_of_the_other_criteria(tmp_path):
+    """EnD2 starts from the KD student and gets only its own options; a misspelt criterion stops stage 4."""
+    env = recipe_env(DRY_RUN="1", WORK="work", STAGES="4",
+                     CRITERIA="forward_kl_mean_distillation sequence_distribution_distillation")
+    proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    kd, end2 = [line for line in proc.stderr.splitlines() if line.startswith("+ fairseq-train")]
+    assert "--criterion forward_kl_mean_distillation --max-tokens" in kd and "--finetune-from-model" not in kd
+    assert "--criterion sequence_distribution_distillation --model-offset 1 --finetune-from-model " \
+           "work/students/forward_kl_mean_distillation/checkpoint_best.pt" in end2
+    assert "--target-concentration" not in end2
+    env["CRITERIA"] = "rkl_dirichlet_proxy_distilation"
+    proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "unknown criterion 'rkl_dirichlet_proxy_distilation'" in proc.stderr
+    assert "fairseq-train" not in proc.stderr and list(tmp_path.iterdir()) == []

@@ -82,13 +82,23 @@ for lang in "$SRC" "$TGT"; do
     done_already "$TEXT/raw/$split.$lang" || run_to "$TEXT/raw/$split.$lang" cat "$RAW_DIR/$name.$lang"
   done
 done
+# ood_set NAME ARGS...: evaluation/ood_sets.py ARGS into $TEXT/raw/NAME.{SRC,TGT}, through .tmp names
+# (the target, renamed last, marks the set as done)
+ood_set() {
+  local name=$1 out=$TEXT/raw/$1
+  shift
+  case $name in train | valid | test | *_ens_pred)
+    echo "error: OOD set name '$name' is taken by a data split; choose another" >&2; exit 1 ;;
+  esac
+  done_already "$out.$TGT" && return 0
+  pdd_script evaluation/ood_sets.py "$@" --out-source "$out.$SRC.tmp" --out-target "$out.$TGT.tmp"
+  run mv "$out.$SRC.tmp" "$out.$SRC"
+  run mv "$out.$TGT.tmp" "$out.$TGT"
+}
 for name in $OOD_SETS; do
-  done_already "$TEXT/raw/$name.$TGT" && continue
   case $name in
-    perm) pdd_script evaluation/ood_sets.py permute --source "$TEXT/raw/test.$SRC" --target "$TEXT/raw/test.$TGT" \
-            --seed "$PERM_SEED" --out-source "$TEXT/raw/$name.$SRC" --out-target "$TEXT/raw/$name.$TGT" ;;
-    dede) pdd_script evaluation/ood_sets.py swap --other-source "$TEXT/raw/test.$TGT" --target "$TEXT/raw/test.$TGT" \
-            --out-source "$TEXT/raw/$name.$SRC" --out-target "$TEXT/raw/$name.$TGT" ;;
+    perm) ood_set perm permute --source "$TEXT/raw/test.$SRC" --target "$TEXT/raw/test.$TGT" --seed "$PERM_SEED" ;;
+    dede) ood_set dede swap --other-source "$TEXT/raw/test.$TGT" --target "$TEXT/raw/test.$TGT" ;;
     *) echo "error: unknown OOD set '$name' in OOD_SETS (perm, dede; others through OOD_OTHER_SOURCES)" >&2
        exit 1 ;;
   esac
@@ -99,8 +109,7 @@ for item in $OOD_OTHER_SOURCES; do
     echo "error: OOD_OTHER_SOURCES expects NAME=FILE items, got '$item'" >&2
     exit 1
   fi
-  done_already "$TEXT/raw/$name.$TGT" || pdd_script evaluation/ood_sets.py swap --other-source "$file" \
-    --target "$TEXT/raw/test.$TGT" --truncate --out-source "$TEXT/raw/$name.$SRC" --out-target "$TEXT/raw/$name.$TGT"
+  ood_set "$name" swap --other-source "$file" --target "$TEXT/raw/test.$TGT" --truncate
 done
 
 stage "1/5 prepare: joint sentencepiece model ($BPE_SIZE $SPM_MODEL_TYPE units) -> $SPM_MODEL"
