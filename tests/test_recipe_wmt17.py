@@ -257,3 +257,15 @@ def test_dry_run_of_the_other_criteria(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode != 0 and "unknown criterion 'rkl_dirichlet_proxy_distilation'" in proc.stderr
     assert "fairseq-train" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_run_to_writes_only_finished_output(tmp_path):
+    """lib.sh's run_to: a failing command leaves neither FILE nor FILE.tmp; a finished one leaves FILE."""
+    script = ('source "$0"; run_to "$1/ok.txt" printf "a\\nb\\n"; '
+              'if run_to "$1/bad.txt" sh -c "echo partial; exit 3"; then exit 1; else echo "status $?"; fi')
+    proc = subprocess.run(["bash", "-c", script, os.path.join(REPO, "recipes", "lib.sh"), str(tmp_path)],
+                          env=recipe_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout == "status 3\n", proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.txt"]
+    assert (tmp_path / "ok.txt").read_text() == "a\nb\n"
+    assert f"+ sh -c echo\\ partial\\;\\ exit\\ 3 > {tmp_path}/bad.txt" in proc.stderr  # printed, shell-quoted
