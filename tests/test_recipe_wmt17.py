@@ -65,7 +65,8 @@ def recipe(tmp_path_factory):
     write_wmt_layout(str(root / "raw"), str(root / "toy"))
     env = recipe_env(
         WORK=str(root / "work"), RAW_DIR=str(root / "raw"), DEVICE="cpu", M="2", SEEDS="1 2",
-        BPE_SIZE="120", SPM_EXTRA="--no-hard-vocab-limit", OOD_SETS="perm", THREADS="1", EVAL_PLOTS="0", EVAL_ENS_PRED="0",
+        BPE_SIZE="120", SPM_EXTRA="--no-hard-vocab-limit", OOD_SETS="perm", THREADS="1",
+        EVAL_PLOTS="0", EVAL_ENS_PRED="0",  # plots and test_ens_pred: ~10 s of CPU; the dry run shows them
         MODEL_ARGS=" ".join(TINY_TRANSFORMER), LR="5e-3", WARMUP="20",
         TEACHER_MAX_TOKENS="600", TEACHER_MAX_UPDATE="30", MAX_TOKENS="600", UPDATE_FREQ="1", MAX_UPDATE="10",
         EXTRA="--num-workers 0 --no-progress-bar --log-interval 20 --no-epoch-checkpoints",
