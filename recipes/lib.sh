@@ -28,6 +28,34 @@ run() {
   [ "$DRY_RUN" = 1 ] || "$@"
 }
 
+# run_to FILE CMD...: like run, with CMD's stdout going to FILE.tmp, renamed to FILE only when CMD
+# succeeds (a half-written FILE is never mistaken for a finished one by done_already).
+run_to() {
+  local out=$1 status=0
+  shift
+  printf '+' >&2
+  printf ' %q' "$@" >&2
+  printf ' > %q\n' "$out" >&2
+  [ "$DRY_RUN" != 1 ] || return 0
+  mkdir -p "$(dirname "$out")"
+  "$@" > "$out.tmp" || status=$?
+  if [ "$status" -ne 0 ]; then rm -f "$out.tmp"; return "$status"; fi
+  mv "$out.tmp" "$out"
+}
+
+# wait_for PATH...: block until every PATH exists (another node writes them to a shared file
+# system), polling every POLL_S seconds (default 60). No-op with DRY_RUN=1.
+wait_for() {
+  [ "$DRY_RUN" != 1 ] || return 0
+  local p
+  for p in "$@"; do
+    until [ -e "$p" ]; do
+      echo "    (node $NODE_RANK waiting for $p)" >&2
+      sleep "${POLL_S:-60}"
+    done
+  done
+}
+
 # done_already FILE: true (and says so) when FILE exists, so a finished step is skipped on re-runs.
 done_already() {
   if [ "$DRY_RUN" != 1 ] && [ -e "$1" ]; then

@@ -1,0 +1,129 @@
+# WMT17 En-De recipe settings, sourced by every stage script. Every value is an environment variable
+# with a default; set it before running a stage (e.g. `WORK=/scratch/wmt M=5 bash run.sh`).
+# Defaults are the paper's set-up; see the "WMT17 En-De recipe" section of the README.
+# shellcheck shell=bash
+RECIPE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=../lib.sh
+source "$RECIPE_DIR/../lib.sh"
+
+# --- paths -----------------------------------------------------------------------------------------
+: "${WORK:=runs/wmt17_en_de}"            # everything the recipe writes goes below WORK
+: "${RAW_DIR:=$WORK/raw}"                # raw corpora (layout in 1_prepare.sh); downloaded if missing
+: "${TEXT:=$WORK/text}"                  # concatenated, OOD and sentencepiece-encoded text
+: "${SPM_PREFIX:=$WORK/spm/spm}"         # the joint sentencepiece model: $SPM_PREFIX.model
+: "${DATA:=$WORK/data-bin}"              # teachers' data (fairseq-preprocess --joined-dictionary)
+: "${DISTILL_DATA:=$WORK/data-bin-distill}"  # students' data: train = the ensemble's translations
+: "${TEACHERS_DIR:=$WORK/teachers}" "${STUDENTS_DIR:=$WORK/students}"
+: "${DECODE_DIR:=$WORK/decode}" "${EVAL_DIR:=$WORK/eval}"
+: "${PYTHON:=python}"
+: "${THREADS:=$(nproc 2>/dev/null || echo 1)}"   # CPU workers of sentencepiece / fairseq-preprocess
+
+# --- data ------------------------------------------------------------------------------------------
+: "${SRC:=en}" "${TGT:=de}"
+: "${TRAIN_CORPORA:=europarl-v7.de-en commoncrawl.de-en news-commentary-v12.de-en}"
+: "${VALID_SET:=newstest2013}" "${TEST_SET:=newstest2014}"
+: "${BPE_SIZE:=40000}"                   # joint sentencepiece units (the paper's 40,000 classes)
+: "${SPM_MODEL_TYPE:=bpe}" "${SPM_INPUT_SENTENCES:=10000000}" "${SPM_EXTRA:=}"
+: "${CLEAN_MIN_LEN:=1}" "${CLEAN_MAX_LEN:=250}" "${CLEAN_RATIO:=1.5}"   # on subword pieces, train only
+# OOD test sets built from the test set: perm (source words shuffled, seed PERM_SEED) and dede (the
+# German reference as the source). OOD_OTHER_SOURCES adds "NAME=FILE ..." sets whose sources are the
+# lines of FILE (a text in another language; cut to the test set's length).
+: "${OOD_SETS:=perm dede}" "${OOD_OTHER_SOURCES:=}" "${PERM_SEED:=0}"
+
+# --- models ----------------------------------------------------------------------------------------
+: "${M:=3}"                              # teachers
+: "${SEEDS:=$(seq -s ' ' 1 "$M")}"       # one per teacher
+: "${ARCH:=transformer_wmt_en_de_big}"
+: "${MODEL_ARGS:=--arch $ARCH --share-decoder-input-output-embed}"   # tests shrink the model here
+: "${FP16:=$([ "$DEVICE" = cuda ] && echo 1 || echo 0)}"
+: "${EXTRA:=}" "${TEACHER_EXTRA:=}" "${STUDENT_EXTRA:=}" "${GEN_EXTRA:=}"   # appended to the commands
+
+# optimiser, shared by teachers and students (the authors' README)
+: "${ADAM_BETAS:=(0.9, 0.98)}" "${LR:=5e-4}" "${WARMUP:=4000}" "${WEIGHT_DECAY:=1e-4}"
+# teachers: the authors' README (label-smoothed CE); the number of updates is not given there
+: "${TEACHER_DROPOUT:=0.1}" "${TEACHER_CLIP_NORM:=0.0}" "${LABEL_SMOOTHING:=0.1}"
+: "${TEACHER_MAX_TOKENS:=4096}" "${TEACHER_UPDATE_FREQ:=1}" "${TEACHER_MAX_UPDATE:=300000}"
+# students: the paper's hyper-parameters (dropout 0.2, clip 10, 1024 x 32 tokens, 20k updates, seed 0)
+: "${DROPOUT:=0.2}" "${CLIP_NORM:=10.0}" "${MAX_TOKENS:=1024}" "${UPDATE_FREQ:=32}" "${MAX_UPDATE:=20000}"
+: "${SEED:=0}" "${KEEP_LAST_EPOCHS:=10}" "${STUDENT_VALID_SUBSETS:=valid,test,valid_ens_pred}"
+: "${CRITERIA:=rkl_dirichlet_proxy_distillation forward_kl_mean_distillation}"
+: "${TARGET_CONCENTRATION:=mkl}" "${MODEL_OFFSET:=1}" "${TARGET_OFFSET:=1}"
+# criteria that collapse when trained from scratch start from the KD student (listed before them)
+: "${FINETUNE_FROM_KD:=dirichlet_proxy_distillation sequence_distribution_distillation}"
+
+# --- decoding --------------------------------------------------------------------------------------
+: "${GEN_MAX_TOKENS:=2048}"
+: "${DISTILL_BEAM:=5}" "${DISTILL_NBEST:=1}"       # the ensemble's translations of the training set
+: "${BEAM:=5}" "${NBEST:=5}"                       # evaluation decoding
+: "${EVAL_NBEST:=1}" "${EVAL_WEIGHTING:=bs}" "${EVAL_PLOTS:=1}" "${EVAL_ENS_PRED:=1}"
+
+# shellcheck disable=SC2206
+model_args=($MODEL_ARGS)
+# shellcheck disable=SC2206
+extra=($EXTRA)
+# shellcheck disable=SC2206
+gen_extra=($GEN_EXTRA)
+read -r -a seeds <<< "$SEEDS"
+if [ "${#seeds[@]}" -ne "$M" ]; then
+  echo "error: SEEDS has ${#seeds[@]} seeds ($SEEDS) but M=$M teachers" >&2
+  exit 1
+fi
+SPM_MODEL=$SPM_PREFIX.model
+
+# device options of fairseq-train (teachers: --fp16; students: also the teachers in fp16) and the
+# options of every decoding
+teacher_device_args=() student_device_args=() gen_args=()
+if [ "$FP16" = 1 ]; then
+  teacher_device_args=(--fp16)
+  student_device_args=(--fp16 --memory-efficient-fp16 --fp16-ensemble)
+  gen_args=(--fp16)
+fi
+[ "$DEVICE" != cpu ] || gen_args+=(--cpu)
+# fairseq's batching drops the last batch of a split when its size is not a multiple of
+# --required-batch-size-multiple (default 8; fairseq issue #5036): decoding must see every sentence
+gen_args+=(--required-batch-size-multiple 1)
+
+# optimiser options of every fairseq-train run: clip norm and dropout differ between teachers and students
+optim_args() {
+  printf '%s\n' --optimizer adam --adam-betas "$ADAM_BETAS" --clip-norm "$1" --lr "$LR" \
+    --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP" --dropout "$2" --weight-decay "$WEIGHT_DECAY"
+}
+
+# teacher_dirs: the save directories of the M teachers
+teacher_dirs() {
+  local i
+  for ((i = 1; i <= M; i++)); do echo "$TEACHERS_DIR/teacher$i"; done
+}
+
+# the colon-separated checkpoints of the ensemble
+ensemble() {
+  local dirs
+  mapfile -t dirs < <(teacher_dirs)
+  ensemble_paths "${dirs[@]}"
+}
+
+# OOD split names (binarised next to test in DATA)
+ood_names() {
+  local name
+  for name in $OOD_SETS; do echo "$name"; done
+  for name in $OOD_OTHER_SOURCES; do echo "${name%%=*}"; done
+}
+
+# pdd_script FILE ARGS...: a fairseq-free tool of the plugin (mt_data.py, evaluation/ood_sets.py) run as
+# a script, the same as `python -m fairseq_pdd.<module>` minus the package's import of fairseq (~4 s
+# per call); PYTHONSAFEPATH keeps the plugin folder off sys.path.
+pdd_script() {
+  local file=$1
+  shift
+  run env PYTHONSAFEPATH=1 "$PYTHON" "$USER_DIR/$file" "$@"
+}
+
+# rename_split DIR FROM TO: rename a binarised split of DIR (both languages, .bin and .idx)
+rename_split() {
+  local lang ext
+  for lang in "$SRC" "$TGT"; do
+    for ext in bin idx; do
+      run mv "$1/$2.$SRC-$TGT.$lang.$ext" "$1/$3.$SRC-$TGT.$lang.$ext"
+    done
+  done
+}
