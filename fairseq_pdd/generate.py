@@ -285,6 +285,9 @@ def main(args) -> None:
 
 def cli_main() -> None:
     parser = options.get_generation_parser()
+    # fairseq's default multiple of 8 cuts the last batch to a multiple of 8 sentences, so some test
+    # sentences would silently never be decoded (fairseq issue #5036); every sentence is scored here.
+    parser.set_defaults(required_batch_size_multiple=1)
     add_uncertainty_args(parser)
     args = options.parse_args_and_arch(parser)
     try:

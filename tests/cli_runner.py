@@ -55,11 +55,11 @@ def valid_losses(log: str) -> List[float]:
 
 
 def generate_bleu(data: str, path: str, cwd: str, extra: Sequence[str] = ()) -> float:
-    """fairseq-generate with beam 5 and sacrebleu; returns the BLEU score."""
+    """fairseq-generate with beam 5 and sacrebleu over every test sentence; returns the BLEU score."""
     proc = run(
         "fairseq-generate",
         [data, "--user-dir", user_dir(), "--path", path, "--beam", "5", "--batch-size", "64",
-         "--scoring", "sacrebleu", "--cpu", *extra],
+         "--required-batch-size-multiple", "1", "--scoring", "sacrebleu", "--cpu", *extra],
         cwd,
     )
     match = re.search(r"BLEU = ([\d.]+)", proc.stdout + proc.stderr)

@@ -177,6 +177,24 @@ def test_training_from_top8_cache_without_teachers(toy_mt, caches, online_log):
         assert ours[key] == pytest.approx(online[key], rel=2e-3), key
 
 
+def test_self_distillation_from_full_cache_equals_online_training(toy_mt, caches):
+    """A self-distillation criterion reads the log of the rebuilt mean: k = V gives the online updates."""
+    sd = ["--criterion", "gt_mixed_self_distillation", "--gt-weight", "0.5", "--max-epoch", "1"]
+    online = distil(toy_mt, "sd_online", ["--ensemble-paths", ":".join(toy_mt.teachers), *sd])
+    cached = distil(toy_mt, "sd_cache", ["--teacher-cache", caches.full, *sd])
+    assert "loaded 2 teachers" not in cached
+
+    def stats(log):
+        return [{key: float(re.search(rf"\| {key} ([-\d.]+)", line).group(1)) for key in ("loss", "nll_loss",
+                                                                                       "distill_kl")}
+                for line in log.splitlines() if "| train | epoch" in line or "valid on 'valid' subset" in line]
+
+    ours, reference = stats(cached), stats(online)
+    assert len(ours) == len(reference) == 2
+    for a, b in zip(ours, reference):
+        assert a == pytest.approx(b, rel=2e-3), (a, b)
+
+
 # --------------------------------------------------------------------------------------------------
 # Refusals
 # --------------------------------------------------------------------------------------------------
