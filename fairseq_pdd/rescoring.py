@@ -96,8 +96,11 @@ def encode(model, net_input: dict):
 def teacher_forced_logits(model, encoder_out, batch: HypothesisBatch, eos: int, pad: int) -> torch.Tensor:
     """Decoder logits (H, L, K) of ``model`` for every hypothesis row, given its own prefix.
 
-    ``encoder_out`` is :func:`encode`'s output for the batch's sources; it is re-ordered to the rows.
+    ``encoder_out`` is :func:`encode`'s output for the batch's sources; it is re-ordered to the rows
+    (into a copy: the same output serves every length group).
     """
+    if isinstance(encoder_out, dict):  # some encoders (the VGG-Transformer's) re-order their dict in place
+        encoder_out = dict(encoder_out)
     encoder_out = model.encoder.reorder_encoder_out(encoder_out, batch.source_rows)
     prev = shifted_prefix(batch.tokens, batch.mask, eos, pad)
     return model.decoder(prev, encoder_out=encoder_out)[0]
