@@ -65,3 +65,22 @@ def generate_bleu(data: str, path: str, cwd: str, extra: Sequence[str] = ()) -> 
     match = re.search(r"BLEU = ([\d.]+)", proc.stdout + proc.stderr)
     assert match, f"no BLEU line in fairseq-generate output:\n{proc.stdout[-2000:]}"
     return float(match.group(1))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def recipe_env(**overrides) -> dict:
+    """The environment of a recipe script (recipes/*/run.sh): this venv's tools, this checkout's plugin."""
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], PYTHONPATH=REPO, PYTHON=sys.executable,
+               USER_DIR=user_dir(), OMP_NUM_THREADS="1")
+    env.update(overrides)
+    return env
+
+
+def run_recipe(recipe: str, cwd: str, env: dict) -> str:
+    """``bash recipes/RECIPE/run.sh`` in ``cwd``; fails the test with its output if it fails; stdout + stderr."""
+    proc = subprocess.run(["bash", os.path.join(REPO, "recipes", recipe, "run.sh")], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
