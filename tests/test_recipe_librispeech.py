@@ -3,9 +3,10 @@
 The toy speech of ``fairseq_pdd.asr_toy_data`` is written under LibriSpeech's subset names, so every
 stage script runs as on the real corpus: fbank80 + sentencepiece preparation (dev-clean extracted from
 its "downloaded" archive), two VGG-Transformer teachers (speech_to_text), a PD-EnD2 student
-(asr_distillation), fairseq-pdd-generate with WER on test-clean and the OOD set test-other (toy words
-never seen in training, in another frequency band), and fairseq-pdd-evaluate --task asr. Only the
-sizes (model, vocabulary, epochs, beam) shrink.
+(asr_distillation), fairseq-pdd-generate with WER on test-clean and two OOD sets, test-other (new
+speakers) and an OOD corpus ``foreign`` prepared with LibriSpeech's vocabulary (toy words never seen
+in training, in another frequency band: the toy analogue of another language), and
+fairseq-pdd-evaluate --task asr. Only the sizes (model, vocabulary, epochs, beam) shrink.
 """
 import json
 import os
@@ -19,8 +20,8 @@ from fairseq_pdd import asr_toy_data as toy
 from fairseq_pdd.cli import user_dir
 
 CRITERION = "rkl_dirichlet_proxy_distillation"
-SIZES = {"train-clean-100": 48, "dev-clean": 8, "test-clean": 12}
-N_OOD = 10
+SIZES = {"train-clean-100": 48, "dev-clean": 8, "test-clean": 12, "test-other": 6}
+N_FOREIGN = 8
 
 
 def write_librispeech_layout(root) -> None:
@@ -30,7 +31,7 @@ def write_librispeech_layout(root) -> None:
     for k, (subset, n) in enumerate(SIZES.items()):
         folder = staging if subset == "dev-clean" else root / "LibriSpeech"
         toy.write_subset(str(folder), subset, n, seed=1 + k, first_speaker=100 * (k + 1))
-    toy.write_subset(str(root / "LibriSpeech"), "test-other", N_OOD, seed=9, first_speaker=900,
+    toy.write_subset(str(root / "other_corpus"), "foreign", N_FOREIGN, seed=9, first_speaker=900,
                      vocabulary=toy.OOD_WORDS, band=toy.OOD_BAND)
     os.makedirs(root / "LibriSpeech" / "downloads")
     with tarfile.open(root / "LibriSpeech" / "downloads" / "dev-clean.tar.gz", "w:gz") as tar:
@@ -46,7 +47,7 @@ def recipe(tmp_path_factory):
         TRAIN_SUBSETS="train-clean-100", VALID_SUBSETS="dev-clean", VOCAB_SIZE=str(toy.TOY_VOCAB_SIZE),
         DEVICE="cpu", M="2", SEEDS="1 2", MODEL_ARGS=" ".join(toy.TINY_VGG_TRANSFORMER), NUM_WORKERS="0",
         TEACHER_MAX_TOKENS="300", TEACHER_MAX_EPOCH="2", MAX_TOKENS="300", MAX_EPOCH="2", LR="3e-3", WARMUP="20",
-        CRITERIA=CRITERION, BEAM="3", NBEST="3", EVAL_PLOTS="0",
+        OOD_CORPORA=str(root / "other_corpus" / "foreign"), CRITERIA=CRITERION, BEAM="3", NBEST="3", EVAL_PLOTS="0",
         EXTRA="--no-progress-bar --log-interval 20 --no-epoch-checkpoints",
     )
     log = run_recipe("librispeech", str(root), env)
@@ -63,26 +64,31 @@ def test_prepare_writes_every_subset_with_one_vocabulary(recipe):
     root, work, _, log = recipe
     data = work / "data"
     assert (data / "config.yaml").exists() and (data / f"spm_unigram{toy.TOY_VOCAB_SIZE}.model").exists()
-    for subset, n in {**SIZES, "test-other": N_OOD}.items():
+    for subset, n in {**SIZES, "foreign": N_FOREIGN}.items():
         rows = read_tsv(data / f"{subset}.tsv")
         assert len(rows) == n and all((data / r["audio"]).exists() for r in rows), subset
     assert (root / "LibriSpeech" / "dev-clean").is_dir() and not (root / "LibriSpeech" / ".dev-clean.tmp").exists()
     assert "curl" not in log and "--strip-components 1 LibriSpeech/dev-clean" in log  # archive found, extracted
     assert "--vocab-size 28 --num-mel-bins 80 --sample-rate 16000 --cmvn utterance" in log
+    assert f"--root {root / 'other_corpus'} --subsets foreign --out-dir {data}" in log  # after LibriSpeech's
+    assert (data / "foreign.tsv").stat().st_mtime > (data / f"spm_unigram{toy.TOY_VOCAB_SIZE}.model").stat().st_mtime
 
 
 def test_teachers_and_student_trained_by_the_recipe(recipe):
     _, work, _, log = recipe
     teachers = [work / "teachers" / f"teacher{i}" for i in (1, 2)]
-    for teacher in teachers:
+    for seed, teacher in enumerate(teachers, start=1):
         assert (teacher / "checkpoint_best.pt").exists() and (teacher / "done").exists()
-        assert "task: speech_to_text" in (teacher / "train.log").read_text() or "speech_to_text" in log
-    assert "--optimizer adadelta --lr 1.0" in log and "--criterion cross_entropy" in log
+        train_log = (teacher / "train.log").read_text()
+        for setting in ("task='speech_to_text'", "arch='pdd_vggtransformer_tiny'", "optimizer='adadelta'",
+                        "adadelta_rho=0.95", "criterion='cross_entropy'", f"'seed': {seed},"):
+            assert setting in train_log, setting
     student = work / "students" / CRITERION
     assert (student / "checkpoint_best.pt").exists() and (student / "done").exists()
     train_log = (student / "train.log").read_text()
+    assert "task='asr_distillation'" in train_log and "optimizer='adam'" in train_log
     paths = ", ".join(str(t / "checkpoint_best.pt") for t in teachers)
-    assert f"loaded 2 teachers (torch.float32): {paths}" in train_log
+    assert f"loaded 2 teachers (torch.float32): {paths}" in log  # the plugin logs to the console
     assert "valid on 'dev-clean' subset" in train_log and "ensemble_precision" in train_log
 
 
@@ -93,10 +99,13 @@ def test_report_has_wer_and_ood_detection(recipe):
     assert set(report["systems"]) == {"ensemble", CRITERION}
     for system in report["systems"].values():
         assert system["n_samples"] == SIZES["test-clean"]  # every utterance decoded
-        assert system["quality"]["wer"] >= 0 and system["ood_quality"]["test-other"]["wer"] >= 0
-        auc = system["ood"]["test-other"]["mutual_information"]["roc_auc"]
-        assert auc is None or 0.0 <= auc <= 1.0
-    for subset, n in (("test-clean", SIZES["test-clean"]), ("test-other", N_OOD)):
+        assert system["quality"]["wer"] >= 0
+        for ood in ("test-other", "foreign"):
+            assert system["ood_quality"][ood]["wer"] >= 0
+            auc = system["ood"][ood]["mutual_information"]["roc_auc"]
+            assert auc is None or 0.0 <= auc <= 1.0
+    for subset, n in (("test-clean", SIZES["test-clean"]), ("test-other", SIZES["test-other"]),
+                      ("foreign", N_FOREIGN)):
         records = [json.loads(line) for line in open(work / "decode" / CRITERION / f"uncertainty-{subset}.jsonl")]
         assert {(r["id"], r["rank"]) for r in records} == {(i, k) for i in range(n) for k in range(-1, 3)}
         assert all("\u2581" not in r["hypothesis"] for r in records)  # sentencepiece removed before WER
