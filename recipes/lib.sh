@@ -16,7 +16,12 @@
 : "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}" "${LAUNCHER:=fairseq}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-USER_DIR=${USER_DIR:-$(fairseq-pdd-user-dir 2>/dev/null)}
+if [ -z "${USER_DIR:-}" ]; then
+  USER_DIR=$(fairseq-pdd-user-dir) || {
+    echo "error: fairseq-pdd-user-dir failed: install fairseq_pdd or set USER_DIR to its folder" >&2
+    exit 1
+  }
+fi
 
 stage() { echo "==> [$(date +%H:%M:%S)] $*" >&2; }
 
@@ -277,4 +282,19 @@ evaluate_systems() {
   for subset in "$@"; do ood_args+=(--ood "$subset=uncertainty-$subset.jsonl"); done
   [ "$EVAL_PLOTS" = 1 ] || plots=(--no-plots)
   evaluate "$out" "uncertainty-$in_domain.jsonl" "${system_args[@]}" "${ood_args[@]}" "${plots[@]}"
+}
+
+# run_stages SCRIPT...: the body of a recipe's run.sh: for each k in STAGES, `bash` the k-th SCRIPT
+# (a file next to run.sh); USER_DIR is looked up once for all of them.
+run_stages() {
+  local dir s scripts=("$@")
+  dir=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
+  for s in $STAGES; do
+    if ! [[ $s =~ ^[1-9][0-9]*$ ]] || [ "$s" -gt "${#scripts[@]}" ]; then
+      echo "error: unknown stage '$s' in STAGES (1 to ${#scripts[@]})" >&2
+      exit 1
+    fi
+  done
+  export USER_DIR
+  for s in $STAGES; do bash "$dir/${scripts[$((s - 1))]}"; done
 }

@@ -16,4 +16,4 @@ fi
 teacher_extra=($TEACHER_EXTRA)
 train_teachers 2/4 "$DATA" --task speech_to_text "${data_args[@]}" "${model_args[@]}" "${optim[@]}" \
   --clip-norm "$TEACHER_CLIP_NORM" "${criterion[@]}" --max-tokens "$TEACHER_MAX_TOKENS" \
-  --max-epoch "$TEACHER_MAX_EPOCH" "${teacher_device_args[@]}" "${extra[@]}" "${teacher_extra[@]}"
+  --max-epoch "$TEACHER_MAX_EPOCH" --keep-last-epochs "$KEEP_LAST_EPOCHS" "${teacher_device_args[@]}" "${extra[@]}" "${teacher_extra[@]}"

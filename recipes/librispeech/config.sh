@@ -44,7 +44,8 @@ source "$RECIPE_DIR/../lib.sh"
 # criteria of ADADELTA_CRITERIA (the KD baseline) with adadelta lr KD_LR=0.1 and the same clip,
 # weight decay, batch and epochs (adadelta's eps and rho as for the teachers)
 : "${LR:=1e-4}" "${WEIGHT_DECAY:=1e-8}" "${CLIP_NORM:=1.0}" "${WARMUP:=4000}"
-: "${MAX_TOKENS:=8000}" "${UPDATE_FREQ:=1}" "${MAX_EPOCH:=80}" "${SEED:=0}" "${KEEP_LAST_EPOCHS:=10}"
+: "${MAX_TOKENS:=8000}" "${UPDATE_FREQ:=1}" "${MAX_EPOCH:=80}" "${SEED:=0}"
+: "${KEEP_LAST_EPOCHS:=10}"   # epoch checkpoints kept, teachers and students (~3-4 GB each for vggtransformer_2)
 : "${ADADELTA_CRITERIA:=forward_kl_mean_distillation}" "${KD_LR:=0.1}"
 # CRITERIA, TARGET_CONCENTRATION, MODEL_OFFSET, TARGET_OFFSET, FINETUNE_FROM_KD: defaults in ../lib.sh
 
