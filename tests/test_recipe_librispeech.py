@@ -170,9 +170,13 @@ def test_dry_run_with_label_smoothing_and_finetuning(tmp_path):
     assert "--optimizer adam" in trains[4]
 
 
-def test_ood_corpus_named_like_a_subset_is_refused(tmp_path):
-    env = recipe_env(DRY_RUN="1", WORK="work", STAGES="1", OOD_CORPORA="other/test-clean")
+@pytest.mark.parametrize("corpus, dry, problem", [
+    ("other/test-clean", "1", "OOD corpus other/test-clean: its name 'test-clean' is a LibriSpeech subset of SUBSETS"),
+    ("missing/ami", "0", "OOD corpus missing/ami (OOD_CORPORA) is not a directory"),
+])
+def test_bad_ood_corpus_stops_before_any_work(tmp_path, corpus, dry, problem):
+    env = recipe_env(DRY_RUN=dry, WORK="work", STAGES="1", OOD_CORPORA=corpus, LIBRISPEECH_URL="http://invalid.test")
     proc = subprocess.run(["bash", os.path.join(REPO, "recipes", "librispeech", "run.sh")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    assert "OOD corpus other/test-clean: its name 'test-clean' is a LibriSpeech subset" in proc.stderr
+    assert proc.returncode != 0 and problem in proc.stderr, proc.stderr
+    assert "+ " not in proc.stderr and list(tmp_path.iterdir()) == []  # nothing downloaded or prepared

@@ -24,6 +24,18 @@ if [ "$NODE_RANK" != 0 ]; then  # multi-node runs: node 0 prepares, the others w
   wait_for "$DATA/config.yaml"
   exit 0
 fi
+for dir in $OOD_CORPORA; do  # checked before any work
+  name=$(basename "$dir")
+  if [[ ",$SUBSETS," == *",$name,"* ]]; then
+    echo "error: OOD corpus $dir: its name '$name' is a LibriSpeech subset of SUBSETS; rename the folder" >&2
+    exit 1
+  fi
+  if [ "$DRY_RUN" != 1 ] && [ ! -d "$dir" ]; then
+    echo "error: OOD corpus $dir (OOD_CORPORA) is not a directory" >&2
+    exit 1
+  fi
+done
+
 # prepare_subsets ROOT SUBSET,...: fairseq_pdd/librispeech.py (the vocabulary is trained when a train*
 # subset is named, else reused)
 prepare_subsets() {
@@ -70,13 +82,5 @@ fi
 for dir in $OOD_CORPORA; do
   name=$(basename "$dir")
   stage "1/4 prepare: OOD corpus $dir -> split $name of $DATA (LibriSpeech's vocabulary)"
-  if [[ ",$SUBSETS," == *",$name,"* ]]; then
-    echo "error: OOD corpus $dir: its name '$name' is a LibriSpeech subset of SUBSETS; rename the folder" >&2
-    exit 1
-  fi
-  if [ "$DRY_RUN" != 1 ] && [ ! -d "$dir" ]; then
-    echo "error: OOD corpus $dir (OOD_CORPORA) is not a directory" >&2
-    exit 1
-  fi
   done_already "$DATA/$name.tsv" || prepare_subsets "$(dirname "$dir")" "$name"
 done
