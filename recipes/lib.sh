@@ -16,7 +16,12 @@
 : "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}" "${LAUNCHER:=fairseq}"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-USER_DIR=${USER_DIR:-$(fairseq-pdd-user-dir 2>/dev/null)}
+if [ -z "${USER_DIR:-}" ]; then
+  USER_DIR=$(fairseq-pdd-user-dir) || {
+    echo "error: fairseq-pdd-user-dir failed: install fairseq_pdd or set USER_DIR to its folder" >&2
+    exit 1
+  }
+fi
 
 stage() { echo "==> [$(date +%H:%M:%S)] $*" >&2; }
 
@@ -109,4 +114,187 @@ ensemble_paths() {
     else out+=("$d/checkpoint_last.pt"); fi
   done
   (IFS=:; echo "${out[*]}")
+}
+
+# --- shared by the paper-scale recipes (wmt17_en_de, librispeech) ----------------------------------
+# Defaults of the students' criteria, the same in every recipe (a config.sh may set them first).
+: "${CRITERIA:=rkl_dirichlet_proxy_distillation forward_kl_mean_distillation}"
+: "${TARGET_CONCENTRATION:=mkl}" "${MODEL_OFFSET:=1}" "${TARGET_OFFSET:=1}"
+# criteria that collapse when trained from scratch start from the KD student (listed before them)
+: "${FINETUNE_FROM_KD:=dirichlet_proxy_distillation sequence_distribution_distillation}"
+: "${PYTHON:=python}"
+
+# recipe_arrays: the word lists of a config's string settings, and the device options, as arrays:
+# model_args (MODEL_ARGS), extra (EXTRA), gen_extra (GEN_EXTRA), seeds (SEEDS, one per teacher, M of
+# them); with FP16=1 teacher_device_args (--fp16), student_device_args (also the teachers in fp16),
+# memory_efficient_fp16 (for the optimisers that support it, e.g. adam, not adadelta) and gen_args
+# (--fp16); gen_args always has what every decoding needs.
+recipe_arrays() {
+  # shellcheck disable=SC2206
+  model_args=($MODEL_ARGS) extra=($EXTRA) gen_extra=($GEN_EXTRA)
+  read -r -a seeds <<< "$SEEDS"
+  if [ "${#seeds[@]}" -ne "$M" ]; then
+    echo "error: SEEDS has ${#seeds[@]} seeds ($SEEDS) but M=$M teachers" >&2
+    exit 1
+  fi
+  teacher_device_args=() student_device_args=() memory_efficient_fp16=() gen_args=()
+  if [ "$FP16" = 1 ]; then
+    teacher_device_args=(--fp16)
+    student_device_args=(--fp16 --fp16-ensemble)
+    memory_efficient_fp16=(--memory-efficient-fp16)
+    gen_args=(--fp16)
+  fi
+  [ "$DEVICE" != cpu ] || gen_args+=(--cpu)
+  # fairseq's batching drops the last batch of a split when its size is not a multiple of
+  # --required-batch-size-multiple (default 8; fairseq issue #5036): decoding must see every sentence
+  gen_args+=(--required-batch-size-multiple 1)
+}
+
+# pdd_script FILE ARGS...: a fairseq-free tool of the plugin (mt_data.py, librispeech.py,
+# evaluation/ood_sets.py) run as a script, the same as `python -m fairseq_pdd.<module>` minus the
+# package's import of fairseq (~4 s per call); PYTHONSAFEPATH keeps the plugin folder off sys.path.
+pdd_script() {
+  local file=$1
+  shift
+  run env PYTHONSAFEPATH=1 "$PYTHON" "$USER_DIR/$file" "$@"
+}
+
+# teacher_dirs: the save directories of the M teachers ($TEACHERS_DIR/teacher1..M)
+teacher_dirs() {
+  local i
+  for ((i = 1; i <= M; i++)); do echo "$TEACHERS_DIR/teacher$i"; done
+}
+
+# ensemble: the colon-separated checkpoints of the teacher ensemble
+ensemble() {
+  local dirs
+  mapfile -t dirs < <(teacher_dirs)
+  ensemble_paths "${dirs[@]}"
+}
+
+# train_model SAVE ARGS...: `train ARGS --save-dir SAVE ...` unless SAVE holds the marker file `done`;
+# an interrupted run resumes from SAVE/checkpoint_last.pt (fairseq's own restore).
+train_model() {
+  local save=$1
+  shift
+  done_already "$save/done" && return 0
+  run mkdir -p "$save"
+  train "$@" --save-dir "$save" --log-file "$save/train.log" --log-format simple
+  run touch "$save/done"
+}
+
+# train_teachers LABEL ARGS...: the M teachers, teacher i with seed i of SEEDS into $TEACHERS_DIR/teacher<i>
+train_teachers() {
+  local label=$1 saves i
+  shift
+  mapfile -t saves < <(teacher_dirs)
+  for i in "${!saves[@]}"; do
+    stage "$label teacher $((i + 1))/$M (seed ${seeds[$i]}) -> ${saves[$i]}"
+    train_model "${saves[$i]}" "$@" --seed "${seeds[$i]}"
+  done
+}
+
+# criterion_options CRITERION: sets crit=(--criterion CRITERION and its own options); an unknown
+# criterion stops the stage.
+criterion_options() {
+  crit=(--criterion "$1")
+  case $1 in
+    forward_kl_mean_distillation) ;;
+    sequence_distribution_distillation) crit+=(--model-offset "$MODEL_OFFSET") ;;
+    dirichlet_proxy_distillation | rkl_dirichlet_proxy_distillation)
+      crit+=(--target-concentration "$TARGET_CONCENTRATION" --model-offset "$MODEL_OFFSET" --target-offset "$TARGET_OFFSET") ;;
+    *) echo "error: unknown criterion '$1' in CRITERIA" >&2; exit 1 ;;
+  esac
+}
+
+# check_criteria: every name in CRITERIA is known (a typo stops the stage before any training)
+check_criteria() {
+  local criterion
+  for criterion in $CRITERIA; do criterion_options "$criterion"; done
+}
+
+# finetune_options CRITERION: sets init=(--finetune-from-model KD_STUDENT) for the criteria of
+# FINETUNE_FROM_KD (the KD student must be trained by then), else init=().
+finetune_options() {
+  local kd=$STUDENTS_DIR/forward_kl_mean_distillation
+  init=()
+  [[ " $FINETUNE_FROM_KD " == *" $1 "* ]] || return 0
+  if [ "$DRY_RUN" != 1 ] && [ ! -e "$kd/done" ]; then
+    echo "error: $1 starts from the KD student, but $kd is not trained: put" \
+      "forward_kl_mean_distillation before it in CRITERIA (or remove it from FINETUNE_FROM_KD)" >&2
+    exit 1
+  fi
+  init=(--finetune-from-model "$kd/checkpoint_best.pt")
+}
+
+# decode NAME CHECKPOINTS DATA SUBSET [ARGS...]: fairseq-pdd-generate (beam BEAM, n-best NBEST, the
+# references forced too) -> $DECODE_DIR/NAME/uncertainty-SUBSET.jsonl (+ generate-SUBSET.txt); ARGS
+# are the task's own (bpe, scoring, ...). fairseq-generate shards a split over every visible GPU
+# unless told its world size, so decoding runs as one process.
+decode() {
+  local name=$1 path=$2 data=$3 subset=$4
+  shift 4
+  done_already "$DECODE_DIR/$name/uncertainty-$subset.jsonl" && return 0
+  run fairseq-pdd-generate "$data" --user-dir "$USER_DIR" --path "$path" --gen-subset "$subset" \
+    --beam "$BEAM" --nbest "$NBEST" --max-tokens "$GEN_MAX_TOKENS" "$@" --uncertainty-reference \
+    --results-path "$DECODE_DIR/$name" --distributed-world-size 1 "${gen_args[@]}" "${gen_extra[@]}"
+}
+
+# decode_systems LABEL DATA SUBSETS -- [ARGS...]: the ensemble and the student of each criterion in
+# CRITERIA decode each of SUBSETS (see decode; ARGS go to each). Sets systems (names), paths
+# (checkpoints) and system_args (--system NAME=DIR for fairseq-pdd-evaluate).
+decode_systems() {
+  local label=$1 data=$2 subsets=() criterion i subset
+  shift 2
+  while [ "$1" != -- ]; do subsets+=("$1"); shift; done
+  shift
+  systems=(ensemble) paths=("$(ensemble)") system_args=()
+  for criterion in $CRITERIA; do
+    systems+=("$criterion") paths+=("$(ensemble_paths "$STUDENTS_DIR/$criterion")")
+  done
+  for i in "${!systems[@]}"; do
+    for subset in "${subsets[@]}"; do
+      stage "$label decode $subset with ${systems[$i]}"
+      decode "${systems[$i]}" "${paths[$i]}" "$data" "$subset" "$@"
+    done
+    system_args+=(--system "${systems[$i]}=$DECODE_DIR/${systems[$i]}")
+  done
+}
+
+# evaluate OUT_DIR IN_DOMAIN [ARGS...]: fairseq-pdd-evaluate --task $EVAL_TASK (ARGS: --system, --ood,
+# ...) with n-best EVAL_NBEST and weighting EVAL_WEIGHTING; the report is written to OUT_DIR as a whole.
+evaluate() {
+  local out=$1 in_domain=$2
+  shift 2
+  done_already "$out/report.json" && return 0
+  run rm -rf "$out.tmp"
+  run fairseq-pdd-evaluate "$@" --in-domain "$in_domain" --task "$EVAL_TASK" --nbest "$EVAL_NBEST" \
+    --weighting "$EVAL_WEIGHTING" --out-dir "$out.tmp"
+  run rm -rf "$out"
+  run mv "$out.tmp" "$out"
+}
+
+# evaluate_systems OUT_DIR IN_DOMAIN OOD...: evaluate (above) of the systems of decode_systems on the
+# IN_DOMAIN subset, with OOD detection against each OOD subset; plots unless EVAL_PLOTS=0.
+evaluate_systems() {
+  local out=$1 in_domain=$2 ood_args=() plots=() subset
+  shift 2
+  for subset in "$@"; do ood_args+=(--ood "$subset=uncertainty-$subset.jsonl"); done
+  [ "$EVAL_PLOTS" = 1 ] || plots=(--no-plots)
+  evaluate "$out" "uncertainty-$in_domain.jsonl" "${system_args[@]}" "${ood_args[@]}" "${plots[@]}"
+}
+
+# run_stages SCRIPT...: the body of a recipe's run.sh: for each k in STAGES, `bash` the k-th SCRIPT
+# (a file next to run.sh); USER_DIR is looked up once for all of them.
+run_stages() {
+  local dir s scripts=("$@")
+  dir=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
+  for s in $STAGES; do
+    if ! [[ $s =~ ^[1-9][0-9]*$ ]] || [ "$s" -gt "${#scripts[@]}" ]; then
+      echo "error: unknown stage '$s' in STAGES (1 to ${#scripts[@]})" >&2
+      exit 1
+    fi
+  done
+  export USER_DIR
+  for s in $STAGES; do bash "$dir/${scripts[$((s - 1))]}"; done
 }

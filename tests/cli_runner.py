@@ -65,3 +65,48 @@ def generate_bleu(data: str, path: str, cwd: str, extra: Sequence[str] = ()) -> 
     match = re.search(r"BLEU = ([\d.]+)", proc.stdout + proc.stderr)
     assert match, f"no BLEU line in fairseq-generate output:\n{proc.stdout[-2000:]}"
     return float(match.group(1))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def recipe_env(**overrides) -> dict:
+    """The environment of a recipe script (recipes/*/run.sh): this venv's tools, this checkout's plugin."""
+    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], PYTHONPATH=REPO, PYTHON=sys.executable,
+               USER_DIR=user_dir(), OMP_NUM_THREADS="1")
+    env.update(overrides)
+    return env
+
+
+def run_recipe(recipe: str, cwd: str, env: dict) -> str:
+    """``bash recipes/RECIPE/run.sh`` in ``cwd``; fails the test with its output if it fails; stdout + stderr."""
+    proc = subprocess.run(["bash", os.path.join(REPO, "recipes", recipe, "run.sh")], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc.stdout + proc.stderr
+
+
+#: settings a recipe test's environment may carry; a dry run at the paper's defaults removes them
+TEST_SETTINGS = ("NGPU", "DEVICE", "M", "SEEDS", "MODEL_ARGS", "EXTRA", "CRITERIA", "LIBRISPEECH")
+
+
+def dry_run_recipe(recipe: str, cwd: str, **overrides) -> str:
+    """``DRY_RUN=1 WORK=work bash recipes/RECIPE/run.sh`` at the recipe's defaults plus ``overrides``;
+    fails the test if it fails or creates anything in ``cwd``; its stderr (the printed commands)."""
+    before = sorted(os.listdir(cwd))
+    env = recipe_env(DRY_RUN="1", WORK="work")
+    for name in TEST_SETTINGS:
+        env.pop(name, None)
+    env.update(overrides)
+    proc = subprocess.run(["bash", os.path.join(REPO, "recipes", recipe, "run.sh")], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(os.listdir(cwd)) == before, "the dry run created files"
+    return proc.stderr
+
+
+def rerun_commands(recipe: str, cwd: str, env: dict) -> List[str]:
+    """The commands a second run of a finished recipe runs (none, when every step is resumable)."""
+    log = run_recipe(recipe, cwd, env)
+    assert "(done:" in log
+    return [line for line in log.splitlines() if line.startswith("+ ")]

@@ -8,17 +8,15 @@ fairseq-pdd-generate and fairseq-pdd-evaluate. Only the sizes (model, vocabulary
 import json
 import os
 import subprocess
-import sys
 import tarfile
 
 import pytest
 
-from cli_runner import BIN
+from cli_runner import REPO, dry_run_recipe, recipe_env, rerun_commands, run_recipe
 from fairseq_pdd import mt_data
 from fairseq_pdd.cli import user_dir
 from fairseq_pdd.toy_data import TINY_TRANSFORMER, write_corpus
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "recipes", "wmt17_en_de")
 CORPORA = ["europarl-v7.de-en", "commoncrawl.de-en", "news-commentary-v12.de-en"]
 CRITERION = "rkl_dirichlet_proxy_distillation"
@@ -45,20 +43,6 @@ def write_wmt_layout(raw_dir: str, toy_dir: str) -> None:
         tar.add(archived, arcname="training")
 
 
-def recipe_env(**overrides) -> dict:
-    env = dict(os.environ, PATH=BIN + os.pathsep + os.environ["PATH"], PYTHONPATH=REPO, PYTHON=sys.executable,
-               USER_DIR=user_dir(), OMP_NUM_THREADS="1")
-    env.update(overrides)
-    return env
-
-
-def run_recipe(cwd: str, env: dict) -> str:
-    proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout + proc.stderr
-
-
 @pytest.fixture(scope="module")
 def recipe(tmp_path_factory):
     root = tmp_path_factory.mktemp("wmt17")
@@ -72,7 +56,7 @@ def recipe(tmp_path_factory):
         EXTRA="--num-workers 0 --no-progress-bar --log-interval 20 --no-epoch-checkpoints",
         CRITERIA=CRITERION, GEN_MAX_TOKENS="4000", GEN_EXTRA="--max-len-a 1.2 --max-len-b 4",
     )
-    log = run_recipe(str(root), env)
+    log = run_recipe("wmt17_en_de", str(root), env)
     return root, root / "work", env, log
 
 
@@ -159,21 +143,13 @@ def test_report_has_bleu_and_ood_detection(recipe):
 
 def test_rerun_skips_every_finished_step(recipe):
     root, _, env, _ = recipe
-    log = run_recipe(str(root), env)
-    assert "(done:" in log
-    commands = [line for line in log.splitlines() if line.startswith("+ ")]
+    commands = rerun_commands("wmt17_en_de", str(root), env)
     assert commands == [], commands
 
 
 def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
-    env = recipe_env(DRY_RUN="1", WORK="work", OOD_OTHER_SOURCES="fr=newstest2014.fr")
-    for name in ("NGPU", "DEVICE", "M", "SEEDS", "MODEL_ARGS", "EXTRA", "CRITERIA"):
-        env.pop(name, None)
-    proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert list(tmp_path.iterdir()) == []
-    lines = proc.stderr.splitlines()
+    text = dry_run_recipe("wmt17_en_de", tmp_path, OOD_OTHER_SOURCES="fr=newstest2014.fr")
+    lines = text.splitlines()
     trains = [line for line in lines if line.startswith("+ fairseq-train")]
     assert len(trains) == 3 + 2  # M teachers, PD-EnD2 and KD students
     paper = ["--arch transformer_wmt_en_de_big", "--share-decoder-input-output-embed", "--optimizer adam",
@@ -192,7 +168,6 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
     assert "--criterion rkl_dirichlet_proxy_distillation --target-concentration mkl --model-offset 1 " \
            "--target-offset 1" in students[0]
     assert "--criterion label_smoothed_cross_entropy --label-smoothing 0.1" in trains[0]
-    text = proc.stderr
     assert "sacrebleu -t wmt14/full -l en-de --echo src" in text and "training-parallel-nc-v12.tgz" in text
     assert "--vocab-size 40000" in text and "--joined-dictionary" in text
     assert "--gen-subset train --path" in text and "--beam 5 --nbest 1" in text

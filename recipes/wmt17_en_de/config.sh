@@ -15,7 +15,6 @@ source "$RECIPE_DIR/../lib.sh"
 : "${DISTILL_DATA:=$WORK/data-bin-distill}"  # students' data: train = the ensemble's translations
 : "${TEACHERS_DIR:=$WORK/teachers}" "${STUDENTS_DIR:=$WORK/students}"
 : "${DECODE_DIR:=$WORK/decode}" "${EVAL_DIR:=$WORK/eval}"
-: "${PYTHON:=python}"
 : "${THREADS:=$(nproc 2>/dev/null || echo 1)}"   # CPU workers of sentencepiece / fairseq-preprocess
 
 # --- data ------------------------------------------------------------------------------------------
@@ -46,10 +45,7 @@ source "$RECIPE_DIR/../lib.sh"
 # students: the paper's hyper-parameters (dropout 0.2, clip 10, 1024 x 32 tokens, 20k updates, seed 0)
 : "${DROPOUT:=0.2}" "${CLIP_NORM:=10.0}" "${MAX_TOKENS:=1024}" "${UPDATE_FREQ:=32}" "${MAX_UPDATE:=20000}"
 : "${SEED:=0}" "${KEEP_LAST_EPOCHS:=10}" "${STUDENT_VALID_SUBSETS:=valid,test,valid_ens_pred}"
-: "${CRITERIA:=rkl_dirichlet_proxy_distillation forward_kl_mean_distillation}"
-: "${TARGET_CONCENTRATION:=mkl}" "${MODEL_OFFSET:=1}" "${TARGET_OFFSET:=1}"
-# criteria that collapse when trained from scratch start from the KD student (listed before them)
-: "${FINETUNE_FROM_KD:=dirichlet_proxy_distillation sequence_distribution_distillation}"
+# CRITERIA, TARGET_CONCENTRATION, MODEL_OFFSET, TARGET_OFFSET, FINETUNE_FROM_KD: defaults in ../lib.sh
 
 # --- decoding --------------------------------------------------------------------------------------
 : "${GEN_MAX_TOKENS:=2048}"
@@ -57,31 +53,9 @@ source "$RECIPE_DIR/../lib.sh"
 : "${BEAM:=5}" "${NBEST:=5}"                       # evaluation decoding
 : "${EVAL_NBEST:=1}" "${EVAL_WEIGHTING:=bs}" "${EVAL_PLOTS:=1}" "${EVAL_ENS_PRED:=1}"
 
-# shellcheck disable=SC2206
-model_args=($MODEL_ARGS)
-# shellcheck disable=SC2206
-extra=($EXTRA)
-# shellcheck disable=SC2206
-gen_extra=($GEN_EXTRA)
-read -r -a seeds <<< "$SEEDS"
-if [ "${#seeds[@]}" -ne "$M" ]; then
-  echo "error: SEEDS has ${#seeds[@]} seeds ($SEEDS) but M=$M teachers" >&2
-  exit 1
-fi
+EVAL_TASK=mt  # fairseq-pdd-evaluate --task
+recipe_arrays
 SPM_MODEL=$SPM_PREFIX.model
-
-# device options of fairseq-train (teachers: --fp16; students: also the teachers in fp16) and the
-# options of every decoding
-teacher_device_args=() student_device_args=() gen_args=()
-if [ "$FP16" = 1 ]; then
-  teacher_device_args=(--fp16)
-  student_device_args=(--fp16 --memory-efficient-fp16 --fp16-ensemble)
-  gen_args=(--fp16)
-fi
-[ "$DEVICE" != cpu ] || gen_args+=(--cpu)
-# fairseq's batching drops the last batch of a split when its size is not a multiple of
-# --required-batch-size-multiple (default 8; fairseq issue #5036): decoding must see every sentence
-gen_args+=(--required-batch-size-multiple 1)
 
 # optimiser options of every fairseq-train run: clip norm and dropout differ between teachers and students
 optim_args() {
@@ -89,33 +63,11 @@ optim_args() {
     --lr-scheduler inverse_sqrt --warmup-updates "$WARMUP" --dropout "$2" --weight-decay "$WEIGHT_DECAY"
 }
 
-# teacher_dirs: the save directories of the M teachers
-teacher_dirs() {
-  local i
-  for ((i = 1; i <= M; i++)); do echo "$TEACHERS_DIR/teacher$i"; done
-}
-
-# the colon-separated checkpoints of the ensemble
-ensemble() {
-  local dirs
-  mapfile -t dirs < <(teacher_dirs)
-  ensemble_paths "${dirs[@]}"
-}
-
 # OOD split names (binarised next to test in DATA)
 ood_names() {
   local name
   for name in $OOD_SETS; do echo "$name"; done
   for name in $OOD_OTHER_SOURCES; do echo "${name%%=*}"; done
-}
-
-# pdd_script FILE ARGS...: a fairseq-free tool of the plugin (mt_data.py, evaluation/ood_sets.py) run as
-# a script, the same as `python -m fairseq_pdd.<module>` minus the package's import of fairseq (~4 s
-# per call); PYTHONSAFEPATH keeps the plugin folder off sys.path.
-pdd_script() {
-  local file=$1
-  shift
-  run env PYTHONSAFEPATH=1 "$PYTHON" "$USER_DIR/$file" "$@"
 }
 
 # rename_split DIR FROM TO: rename a binarised split of DIR (both languages, .bin and .idx)
