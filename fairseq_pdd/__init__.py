@@ -9,4 +9,4 @@ from fairseq_pdd import checkpoints
 
 checkpoints.install()
 
-from fairseq_pdd import criterions, tasks  # noqa: E402,F401  (registration)
+from fairseq_pdd import criterions, models, tasks  # noqa: E402,F401  (registration)

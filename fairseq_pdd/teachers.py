@@ -51,26 +51,43 @@ def _teacher_dictionaries(cfg, path: str):
     return tuple(Dictionary.load(p) for p in paths)
 
 
-def _check_dictionary(path: str, role: str, theirs: Dictionary, ours: Dictionary) -> None:
+def _check_dictionary(path: str, role: str, theirs: Dictionary, ours: Dictionary, who: str = "teacher") -> None:
     if theirs.symbols != ours.symbols:
         diff = next(
             (i for i, (a, b) in enumerate(zip(theirs.symbols, ours.symbols)) if a != b),
             min(len(theirs), len(ours)),
         )
         raise TeacherError(
-            f"teacher {path} was trained with a different {role} dictionary "
+            f"{who} {path} was trained with a different {role} dictionary "
             f"({len(theirs)} symbols vs the data's {len(ours)}; first difference at index {diff}). "
             "Binarise the student's data with the teachers' dictionaries (fairseq-preprocess "
             "--srcdict/--tgtdict)."
         )
 
 
-def _check_embedding_size(path: str, state_dict: dict, key: str, role: str, expected: int) -> None:
+def _check_embedding_size(path: str, state_dict: dict, key: str, role: str, expected: int, who: str) -> None:
     if key in state_dict and state_dict[key].shape[0] != expected:
         raise TeacherError(
-            f"teacher {path} has a {role} vocabulary of {state_dict[key].shape[0]} entries "
+            f"{who} {path} has a {role} vocabulary of {state_dict[key].shape[0]} entries "
             f"but the task's {role} dictionary has {expected}"
         )
+
+
+def check_checkpoint_dictionaries(path: str, cfg, weights: dict, task, who: str = "teacher") -> None:
+    """The checkpoint's own dictionaries (if readable) and embedding sizes must be ``task``'s.
+
+    ``who`` names the checkpoint's role in the error (``teacher``, ``member 2``, ...).
+    """
+    own = _teacher_dictionaries(cfg, path)
+    ours = (task.source_dictionary, task.target_dictionary)
+    for role, key, theirs, mine in zip(
+        ("source", "target"), ("encoder", "decoder"), own or (None, None), ours
+    ):
+        if mine is None:  # e.g. speech: the encoder reads features, not tokens
+            continue
+        if theirs is not None:
+            _check_dictionary(path, role, theirs, mine, who)
+        _check_embedding_size(path, weights, f"{key}.embed_tokens.weight", role, len(mine), who)
 
 
 def load_teacher(path: str, task):
@@ -80,13 +97,8 @@ def load_teacher(path: str, task):
     if cfg is None:
         raise TeacherError(f"teacher {path} has no 'cfg' (a checkpoint from a very old fairseq?)")
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    own = _teacher_dictionaries(cfg, path)
-    if own is not None:
-        _check_dictionary(path, "source", own[0], task.source_dictionary)
-        _check_dictionary(path, "target", own[1], task.target_dictionary)
     weights = state["model"]
-    _check_embedding_size(path, weights, "encoder.embed_tokens.weight", "source", len(task.source_dictionary))
-    _check_embedding_size(path, weights, "decoder.embed_tokens.weight", "target", len(task.target_dictionary))
+    check_checkpoint_dictionaries(path, cfg, weights, task)
     model = build_model(cfg.model, task)
     try:
         model.load_state_dict(weights, strict=True, model_cfg=cfg.model)

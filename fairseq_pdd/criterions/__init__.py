@@ -1,1 +1,1 @@
-from fairseq_pdd.criterions import distillation  # noqa: F401  (registers the criteria)
+from fairseq_pdd.criterions import bdistil, distillation  # noqa: F401  (registers the criteria)
