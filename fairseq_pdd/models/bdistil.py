@@ -23,7 +23,6 @@ so the members and the connections always see the same hypotheses.
 import logging
 from typing import Dict, List
 
-import torch
 from torch import nn
 from fairseq.models import (
     ARCH_CONFIG_REGISTRY,
@@ -36,7 +35,7 @@ from fairseq.models import (
 )
 
 from fairseq_pdd.boosting import ProductOfExperts
-from fairseq_pdd.models.bdistil_members import BDISTIL_ARCHS, MemberError, load_members
+from fairseq_pdd.models.bdistil_members import BDISTIL_ARCHS, MemberError, feature_size, load_members
 from fairseq_pdd.teachers import split_paths
 
 logger = logging.getLogger(__name__)
@@ -114,35 +113,6 @@ class PrefixDecoder(FairseqIncrementalDecoder):
         return min(dec.max_positions() for dec in self.members[: self.prefix])
 
 
-def feature_size(decoder: nn.Module, position: int, path: str) -> int:
-    """The size of a member decoder's final features, which a connection reads or writes."""
-    size = getattr(decoder, "output_embed_dim", None)
-    if size is None or not hasattr(decoder, "extract_features") or not hasattr(decoder, "output_layer"):
-        raise MemberError(
-            f"member {position} ({path}): its decoder ({type(decoder).__name__}) has no "
-            "extract_features/output_layer/output_embed_dim, which --bdistil-connection last-hidden needs"
-        )
-    return int(size)
-
-
-def check_connection(weights: Dict[str, torch.Tensor], position: int, paths: List[str], decoders) -> nn.Linear:
-    """A loaded connection into member ``position`` must map member ``position - 1``'s features to its own."""
-    out_dim, in_dim = weights["weight"].shape
-    if position == 1:
-        raise MemberError(f"member 1 ({paths[0]}) has a connection but there is no earlier member to read from")
-    have = feature_size(decoders[position - 2], position - 1, paths[position - 2])
-    own = feature_size(decoders[position - 1], position, paths[position - 1])
-    if (in_dim, out_dim) != (have, own):
-        raise MemberError(
-            f"member {position} ({paths[position - 1]}) has a last-hidden connection of size {in_dim} -> {out_dim}, "
-            f"but member {position - 1} ({paths[position - 2]}) gives {have} features and member {position} "
-            f"has {own}: connection size mismatch (were the members listed from another run?)"
-        )
-    linear = nn.Linear(in_dim, out_dim, bias="bias" in weights)
-    linear.load_state_dict(weights)
-    return linear
-
-
 class BDistilModel(FairseqEncoderDecoderModel):
     """Frozen members 1..K-1 plus a trainable member K of architecture ``member_arch``."""
 
@@ -174,16 +144,15 @@ class BDistilModel(FairseqEncoderDecoderModel):
         loaded = load_members(paths, task)
         new = ARCH_MODEL_REGISTRY[cls.member_arch].build_model(args, task)
         models = [m.model for m in loaded] + [new]
-        paths = paths + ["the member being trained"]
         decoders = [m.decoder for m in models]
-        connections = {
-            j: check_connection(m.connection, j + 1, paths, decoders) for j, m in enumerate(loaded) if m.connection
-        }
+        connections = {j: m.connection for j, m in enumerate(loaded) if m.connection is not None}
         if getattr(args, "bdistil_connection", "none") == "last-hidden":
             if not loaded:
                 raise MemberError("--bdistil-connection last-hidden needs an earlier member (--bdistil-members is empty)")
             k = len(models)
-            connections[k - 1] = nn.Linear(feature_size(decoders[-2], k - 1, paths[-2]), feature_size(decoders[-1], k, paths[-1]))
+            connections[k - 1] = nn.Linear(
+                feature_size(decoders[-2], k - 1, paths[-1]), feature_size(decoders[-1], k, "the member being trained")
+            )
         prefix = getattr(args, "bdistil_prefix", 0) or len(models)
         if not 1 <= prefix <= len(models):
             raise MemberError(f"--bdistil-prefix {prefix}: this ensemble has {len(models)} members (use 1..{len(models)}, or 0 for all)")

@@ -35,13 +35,16 @@ class MemberError(TeacherError):
 
 @dataclass
 class LoadedMember:
-    """One member: its encoder-decoder model and, if it has one, its connection's weights."""
+    """One member: its encoder-decoder model and, if it has one, its connection."""
 
     path: str
     model: torch.nn.Module
-    connection: Optional[Dict[str, torch.Tensor]]
+    #: the stored weights of its connection from the previous member's features, if it has one
+    connection_weights: Optional[Dict[str, torch.Tensor]]
     #: the weights (model keys) of the earlier members it was trained on top of, in order
     earlier: List[Dict[str, torch.Tensor]]
+    #: the connection, once checked against the previous member (:func:`load_members`)
+    connection: Optional[torch.nn.Linear] = None
 
 
 def split_members(weights: Dict[str, torch.Tensor]) -> List[Dict[str, torch.Tensor]]:
@@ -109,19 +112,50 @@ def check_same_earlier_members(member: LoadedMember, position: int, listed: List
 
 
 def load_members(paths: List[str], task) -> List[LoadedMember]:
-    """All listed members, in order, with the checks above (connections are checked by the caller)."""
+    """All listed members, in order, with the checks above; connections become checked ``Linear`` layers."""
     members: List[LoadedMember] = []
     for position, path in enumerate(paths, start=1):
         member = load_member(path, task, position)
-        listed = [member_state(m) for m in members]
-        check_same_earlier_members(member, position, listed)
+        if member.connection_weights is not None:
+            member.connection = check_connection(member, position, members[-1] if members else None)
+        check_same_earlier_members(member, position, [member_state(m) for m in members])
         members.append(member)
     return members
+
+
+def feature_size(decoder: torch.nn.Module, position: int, path: str) -> int:
+    """The size of a member decoder's final features, which a connection reads or writes."""
+    size = getattr(decoder, "output_embed_dim", None)
+    if size is None or not hasattr(decoder, "extract_features") or not hasattr(decoder, "output_layer"):
+        raise MemberError(
+            f"member {position} ({path}): its decoder ({type(decoder).__name__}) has no "
+            "extract_features/output_layer/output_embed_dim, which --bdistil-connection last-hidden needs"
+        )
+    return int(size)
+
+
+def check_connection(member: LoadedMember, position: int, previous: Optional[LoadedMember]) -> torch.nn.Linear:
+    """A stored connection into member ``position`` must map the previous member's features to its own."""
+    weights = member.connection_weights
+    out_dim, in_dim = weights["weight"].shape
+    if previous is None:
+        raise MemberError(f"member {position} ({member.path}) has a connection but there is no earlier member to read from")
+    have = feature_size(previous.model.decoder, position - 1, previous.path)
+    own = feature_size(member.model.decoder, position, member.path)
+    if (in_dim, out_dim) != (have, own):
+        raise MemberError(
+            f"connection size mismatch: member {position} ({member.path}) has a last-hidden connection of size "
+            f"{in_dim} -> {out_dim}, but member {position - 1} ({previous.path}) gives {have} features and "
+            f"member {position} has {own} (were the members listed from another run?)"
+        )
+    linear = torch.nn.Linear(in_dim, out_dim, bias="bias" in weights)
+    linear.load_state_dict(weights)
+    return linear
 
 
 def member_state(member: LoadedMember) -> Dict[str, torch.Tensor]:
     """A member's weights as stored by a ``bdistil_*`` checkpoint (``encoder.*``, ``decoder.*``, ``connection.*``)."""
     state = {k: v for k, v in member.model.state_dict().items() if k.startswith(("encoder.", "decoder."))}
-    for k, v in (member.connection or {}).items():
-        state["connection." + k] = v
+    if member.connection is not None:
+        state.update({"connection." + k: v for k, v in member.connection.state_dict().items()})
     return state
