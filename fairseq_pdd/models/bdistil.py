@@ -150,9 +150,12 @@ class BDistilModel(FairseqEncoderDecoderModel):
             if not loaded:
                 raise MemberError("--bdistil-connection last-hidden needs an earlier member (--bdistil-members is empty)")
             k = len(models)
-            connections[k - 1] = nn.Linear(
+            connection = nn.Linear(
                 feature_size(decoders[-2], k - 1, paths[-1]), feature_size(decoders[-1], k, "the member being trained")
             )
+            nn.init.zeros_(connection.weight)  # training starts from the member without the connection
+            nn.init.zeros_(connection.bias)
+            connections[k - 1] = connection
         prefix = getattr(args, "bdistil_prefix", 0) or len(models)
         if not 1 <= prefix <= len(models):
             raise MemberError(f"--bdistil-prefix {prefix}: this ensemble has {len(models)} members (use 1..{len(models)}, or 0 for all)")

@@ -9,17 +9,18 @@
 # Reports per k on the test set: parameters, BLEU (sacrebleu, beam 5), KL(teacher || model) and
 # agreement with the teacher's argmax (fairseq-validate), generation time; ratios to the teacher
 # ensemble, measured in the same run.
-#   WORK=runs/bdistil K=3 CANDIDATES="8 16" EPOCHS=10 GAMMA=0.02 ETA=0.1 bash recipes/bdistil/run.sh
+#   WORK=runs/bdistil K=3 CANDIDATES="16 32" EPOCHS=6 GAMMA=0.05 ETA=0.1 bash recipes/bdistil/run.sh
 #   DRY_RUN=1 bash recipes/bdistil/run.sh     # print the commands only
 set -euo pipefail
 WORK=${WORK:-runs/bdistil}
 K=${K:-3}                       # at most K rounds
-CANDIDATES=${CANDIDATES:-"8 16"}  # member widths, cheapest first
-EPOCHS=${EPOCHS:-10}            # epochs per member
-GAMMA=${GAMMA:-0.02}            # minimum weighted edge
+CANDIDATES=${CANDIDATES:-"16 32"}  # member widths, cheapest first
+EPOCHS=${EPOCHS:-6}             # epochs per member
+LR=${LR:-1e-2}                  # members' learning rate
+GAMMA=${GAMMA:-0.05}            # minimum weighted edge
 ETA=${ETA:-0.1}                 # token-weight strength
 CONNECTION=${CONNECTION:-none}  # none | last-hidden (members 2..K)
-SINGLE_DIM=${SINGLE_DIM:-32}    # width of the single-model baseline
+SINGLE_DIM=${SINGLE_DIM:-32}    # width of the single-model baseline (32: about three width-16 members)
 M=${M:-2}                       # teachers
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-20}
 SEED=${SEED:-1}
@@ -64,7 +65,7 @@ for m in $(seq 1 "$M"); do
 done
 ENSEMBLE=$(IFS=:; echo "${TEACHERS[*]}")
 KD=(--task distillation --ensemble-paths "$ENSEMBLE" --criterion bdistil_residual_kd --bdistil-eta "$ETA"
-  --lr 5e-3 --max-epoch "$EPOCHS")
+  --lr "$LR" --max-epoch "$EPOCHS")
 
 MEMBERS=(); WIDTHS=()
 for k in $(seq 1 "$K"); do
