@@ -112,14 +112,15 @@ stage "evaluation on test: fairseq-validate (KL, agreement) and fairseq-generate
 # evaluate NAME K PATH: one row of the table (K = 0: all members; the teacher ensemble has no KL row)
 ROWS="$WORK/table.tsv"
 evaluate() {
-  local name=$1 k=$2 path=$3 overrides params kl agreement gen bleu seconds
+  local name=$1 k=$2 path=$3 overrides params kl agreement gen bleu seconds prefix=()
   overrides="{'bdistil_prefix': $k}"
+  [ "$name" = teacher ] || prefix=(--model-overrides "$overrides")
   run "$LOG/gen_${name}_$k.log" fairseq-generate "$WORK/bin" --user-dir "$USER_DIR" --path "$path" --beam 5 \
-    --batch-size 64 --scoring sacrebleu --cpu $([ "$name" = teacher ] || echo --model-overrides "$overrides")
+    --batch-size 64 --scoring sacrebleu --cpu ${prefix[@]+"${prefix[@]}"}
   [ "$DRY_RUN" = 1 ] && return 0
   gen="$LOG/gen_${name}_$k.log"
   bleu=$(grep -o "BLEU = [0-9.]*" "$gen" | cut -d' ' -f3)
-  seconds=$(grep -o "tokens) in [0-9.]*s" "$gen" | grep -o "[0-9.]*s" | tr -d s)
+  seconds=$(sed -nE 's/.*Translated .* tokens\) in ([0-9.]+)s.*/\1/p' "$gen")
   if [ "$name" = teacher ]; then
     kl=0; agreement=1
     params=0; for t in "${TEACHERS[@]}"; do params=$((params + $($PY -m fairseq_pdd.bdistil_cli params "$t"))); done
