@@ -101,13 +101,11 @@ def count_parameters(path: str, prefix: int = 0) -> int:
         members = split_members(state["model"])
         if prefix > len(members):
             raise MemberError(f"{path} has {len(members)} members, not {prefix}")
-        tensors = [t for m in members[: prefix or len(members)] for t in m.values()]
+        tensors = [t for m in members[: prefix or len(members)] for k, t in m.items() if not k.endswith(".version")]
     else:
-        tensors = list(state["model"].values())
+        tensors = [t for k, t in state["model"].items() if not k.endswith(".version")]
     seen, total = set(), 0
     for t in tensors:
-        if not t.is_floating_point():
-            continue  # the 'version' buffers
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if key not in seen:
             seen.add(key)
