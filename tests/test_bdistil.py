@@ -118,21 +118,24 @@ def test_incremental_beam_reordered_decoding_equals_full_forward_scoring(toy_mt,
     task.load_dataset("valid")
     dataset = task.dataset("valid")
     sample = dataset.collater([dataset[i] for i in range(6)])
-    net = sample["net_input"]
+    net, beam, pad = sample["net_input"], 2, task.target_dictionary.pad()
+    rows = torch.arange(6).repeat_interleave(beam)  # row = (sentence, beam), as in beam search
+    # beam b of sentence s is forced along sentence (s + b)'s reference, so the beams differ
+    histories = net["prev_output_tokens"][(rows + torch.arange(beam).repeat(6)) % 6]
     with torch.no_grad():
-        full = model(**net)[0]  # (B, T, V) teacher-forced
-        encoder_out = model.encoder(net["src_tokens"], net["src_lengths"])
-        state, order = {}, torch.arange(full.shape[0])
+        full = model(net["src_tokens"][rows], net["src_lengths"][rows], histories)[0]  # (B * beam, T, V)
+        encoder_out = model.encoder(net["src_tokens"][rows], net["src_lengths"][rows])
+        state, order = {}, torch.arange(len(rows))
         g = torch.Generator().manual_seed(0)
         for t in range(full.shape[1]):
-            if t:  # a beam step: hypotheses are reordered (with repeats), as SequenceGenerator does
-                new_order = torch.randint(0, full.shape[0], (full.shape[0],), generator=g)
+            if t:  # a beam step: each hypothesis continues one of its own sentence's beams
+                new_order = rows * beam + torch.randint(0, beam, (len(rows),), generator=g)
                 model.decoder.reorder_incremental_state_scripting(state, new_order)
                 encoder_out = model.encoder.reorder_encoder_out(encoder_out, new_order)
                 order = order[new_order]
-            prev = net["prev_output_tokens"][order, : t + 1]
+            prev = histories[order, : t + 1]
             step = model.decoder(prev, encoder_out, incremental_state=state)[0]
-            real = prev[:, -1].ne(task.target_dictionary.pad())  # padding positions are not decoded
+            real = prev[:, -1].ne(pad)  # padding positions are never decoded
             assert real.any()
             torch.testing.assert_close(step[real, -1], full[order, t][real], atol=1e-5, rtol=1e-5)
     assert "0" not in model.decoder.connections and "2" in model.decoder.connections
