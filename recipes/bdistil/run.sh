@@ -6,6 +6,8 @@
 #                weighted edge >= GAMMA and the unweighted validation KL does not rise
 #   independent  members trained alone (same sizes, other seeds), combined by a logit average
 #   single       one model with about the parameters of all K boosted members
+# fairseq's default --required-batch-size-multiple 8 leaves a last batch of fewer than 8 sentences
+# out of fairseq-generate / fairseq-validate, so evaluation passes 1.
 # Reports per k on the test set: parameters, BLEU (sacrebleu, beam 5), KL(teacher || model) and
 # agreement with the teacher's argmax (fairseq-validate), generation time; ratios to the teacher
 # ensemble, measured in the same run.
@@ -116,7 +118,7 @@ evaluate() {
   overrides="{'bdistil_prefix': $k}"
   [ "$name" = teacher ] || prefix=(--model-overrides "$overrides")
   run "$LOG/gen_${name}_$k.log" fairseq-generate "$WORK/bin" --user-dir "$USER_DIR" --path "$path" --beam 5 \
-    --batch-size 64 --scoring sacrebleu --cpu ${prefix[@]+"${prefix[@]}"}
+    --batch-size 64 --required-batch-size-multiple 1 --scoring sacrebleu --cpu ${prefix[@]+"${prefix[@]}"}
   [ "$DRY_RUN" = 1 ] && return 0
   gen="$LOG/gen_${name}_$k.log"
   bleu=$(grep -o "BLEU = [0-9.]*" "$gen" | cut -d' ' -f3)
@@ -126,7 +128,7 @@ evaluate() {
     params=0; for t in "${TEACHERS[@]}"; do params=$((params + $($PY -m fairseq_pdd.bdistil_cli params "$t"))); done
   else
     fairseq-validate "$WORK/bin" --user-dir "$USER_DIR" --task distillation --valid-subset test --path "$path" \
-      --max-tokens 2000 --cpu --model-overrides "$overrides" > "$LOG/valid_${name}_$k.log" 2>&1
+      --max-tokens 2000 --required-batch-size-multiple 1 --cpu --model-overrides "$overrides" > "$LOG/valid_${name}_$k.log" 2>&1
     read -r kl agreement < <($PY -c 'import json,sys; m=json.load(sys.stdin); print(m["kl_teacher"], m["agreement"])' \
       < <($PY -m fairseq_pdd.bdistil_cli metrics "$LOG/valid_${name}_$k.log"))
     params=$($PY -m fairseq_pdd.bdistil_cli params "$path" --prefix "$k")
