@@ -35,6 +35,7 @@ setup(
             "fairseq-pdd-chain-report = fairseq_pdd.chain_report:main",
             "fairseq-pdd-prepare-librispeech = fairseq_pdd.librispeech:main",
             "fairseq-pdd-asr-toy-data = fairseq_pdd.asr_toy_data:main",
+            "fairseq-pdd-bdistil = fairseq_pdd.bdistil_cli:main",
         ]
     },
 )

@@ -82,3 +82,14 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     return checkpoint_utils.load_checkpoint_to_cpu(path)
+
+
+def load_raw_checkpoint(path: str) -> dict:
+    """The checkpoint's dictionary as saved (no fairseq upgrade), weights-only, on the CPU."""
+    install()
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (turned into a CheckpointError naming the cause)
+        raise explain_load_failure(path, e) from e

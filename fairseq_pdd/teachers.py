@@ -67,8 +67,8 @@ def _teacher_dictionaries(cfg, path: str) -> Optional[Dict[str, Dictionary]]:
     return dict(zip(("source", "target"), (Dictionary.load(p) for p in paths)))
 
 
-def _check_feature_dimension(path: str, cfg, task) -> None:
-    """A speech teacher must have been trained on features of the data's dimension."""
+def _check_feature_dimension(path: str, cfg, task, who: str) -> None:
+    """A speech checkpoint must have been trained on features of the data's dimension."""
     data_cfg = getattr(task, "data_cfg", None)
     theirs = getattr(cfg.model, "input_feat_per_channel", None)
     if data_cfg is None or theirs is None:
@@ -76,7 +76,7 @@ def _check_feature_dimension(path: str, cfg, task) -> None:
     ours = data_cfg.input_feat_per_channel
     if int(theirs) != int(ours):
         raise TeacherError(
-            f"teacher {path} was trained on {theirs}-dim speech features but the task's data has {ours}-dim "
+            f"{who} {path} was trained on {theirs}-dim speech features but the task's data has {ours}-dim "
             "ones (input_feat_per_channel in its config.yaml): prepare the data as for the teachers"
         )
 
@@ -86,24 +86,41 @@ MT_HINT = ("Binarise the student's data with the teachers' dictionaries (fairseq
 SPEECH_HINT = "Prepare the student's data with the teachers' sentencepiece vocabulary and dictionary."
 
 
-def _check_dictionary(path: str, role: str, theirs: Dictionary, ours: Dictionary, hint: str = MT_HINT) -> None:
+def _check_dictionary(path: str, role: str, theirs: Dictionary, ours: Dictionary, hint: str, who: str) -> None:
     if theirs.symbols != ours.symbols:
         diff = next(
             (i for i, (a, b) in enumerate(zip(theirs.symbols, ours.symbols)) if a != b),
             min(len(theirs), len(ours)),
         )
         raise TeacherError(
-            f"teacher {path} was trained with a different {role} dictionary "
+            f"{who} {path} was trained with a different {role} dictionary "
             f"({len(theirs)} symbols vs the data's {len(ours)}; first difference at index {diff}). {hint}"
         )
 
 
-def _check_embedding_size(path: str, state_dict: dict, key: str, role: str, expected: int) -> None:
+def _check_embedding_size(path: str, state_dict: dict, key: str, role: str, expected: int, who: str) -> None:
     if key in state_dict and state_dict[key].shape[0] != expected:
         raise TeacherError(
-            f"teacher {path} has a {role} vocabulary of {state_dict[key].shape[0]} entries "
+            f"{who} {path} has a {role} vocabulary of {state_dict[key].shape[0]} entries "
             f"but the task's {role} dictionary has {expected}"
         )
+
+
+def check_checkpoint_dictionaries(path: str, cfg, weights: dict, task, who: str = "teacher") -> None:
+    """The checkpoint's own dictionaries (if readable), embedding sizes and speech feature dimension
+    must be ``task``'s. ``who`` names the checkpoint's role in the error (``teacher``, ``member 2``, ...).
+    """
+    ours = {"source": task.source_dictionary, "target": task.target_dictionary}
+    ours = {role: d for role, d in ours.items() if d is not None}  # speech: target only
+    own = _teacher_dictionaries(cfg, path) or {}
+    hint = MT_HINT if "source" in ours else SPEECH_HINT
+    for role, dictionary in ours.items():
+        if role in own:
+            _check_dictionary(path, role, own[role], dictionary, hint, who)
+    for role, key in (("source", "encoder.embed_tokens.weight"), ("target", "decoder.embed_tokens.weight")):
+        if role in ours:
+            _check_embedding_size(path, weights, key, role, len(ours[role]), who)
+    _check_feature_dimension(path, cfg, task, who)
 
 
 def load_teacher(path: str, task):
@@ -113,17 +130,8 @@ def load_teacher(path: str, task):
     if cfg is None:
         raise TeacherError(f"teacher {path} has no 'cfg' (a checkpoint from a very old fairseq?)")
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    ours = {"source": task.source_dictionary, "target": task.target_dictionary}
-    ours = {role: d for role, d in ours.items() if d is not None}  # speech: target only
-    own = _teacher_dictionaries(cfg, path) or {}
-    for role, dictionary in ours.items():
-        if role in own:
-            _check_dictionary(path, role, own[role], dictionary, MT_HINT if "source" in ours else SPEECH_HINT)
     weights = state["model"]
-    for role, key in (("source", "encoder.embed_tokens.weight"), ("target", "decoder.embed_tokens.weight")):
-        if role in ours:
-            _check_embedding_size(path, weights, key, role, len(ours[role]))
-    _check_feature_dimension(path, cfg, task)
+    check_checkpoint_dictionaries(path, cfg, weights, task)
     model = build_model(cfg.model, task)
     try:
         model.load_state_dict(weights, strict=True, model_cfg=cfg.model)

@@ -1,1 +1,1 @@
-from fairseq_pdd.criterions import distillation, self_distillation  # noqa: F401  (registers the criteria)
+from fairseq_pdd.criterions import bdistil, distillation, self_distillation  # noqa: F401  (registers the criteria)

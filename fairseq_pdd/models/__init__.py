@@ -1,1 +1,1 @@
-from fairseq_pdd.models import vggtransformer  # noqa: F401  (registers pdd_vggtransformer and its archs)
+from fairseq_pdd.models import bdistil, vggtransformer  # noqa: F401  (registers the bdistil_* and pdd_vggtransformer archs)
