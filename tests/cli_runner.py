@@ -1,10 +1,15 @@
 """Run fairseq's real command-line tools in subprocesses, as a user would."""
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from typing import List, Sequence
 
+import torch
+
+from fairseq_pdd.checkpoints import load_checkpoint
 from fairseq_pdd.cli import user_dir
 from fairseq_pdd.toy_data import TINY_TRAINING, TINY_TRANSFORMER
 
@@ -110,3 +115,53 @@ def rerun_commands(recipe: str, cwd: str, env: dict) -> List[str]:
     log = run_recipe(recipe, cwd, env)
     assert "(done:" in log
     return [line for line in log.splitlines() if line.startswith("+ ")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lib_train(cwd: str, processes: int, args: Sequence[str]) -> str:
+    """``train ARGS`` of recipes/lib.sh with DEVICE=cpu NGPU=processes (gloo when > 1), the tiny
+    Transformer and its CPU options; fails the test if it fails; stdout + stderr."""
+    options = [a for a in TINY_TRAINING if a != "--cpu"]  # train() adds --cpu
+    env = recipe_env(DEVICE="cpu", NGPU=str(processes), MASTER_PORT=str(free_port()))
+    proc = subprocess.run(["bash", "-c", 'source "$0"; train "$@"', os.path.join(REPO, "recipes", "lib.sh"),
+                           *TINY_TRANSFORMER, *options, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+#: logged metrics that depend on wall time or on the number of processes, not on the math
+TIMING_METRICS = {"wps", "ups", "wpb", "bsz", "wall", "train_wall", "gb_free", "cuda_gb_allocated"}
+
+
+def epoch_records(output: str, kind: str) -> List[dict]:
+    """The epoch-level ``--log-format json`` records of ``kind`` ('train' or 'valid'), timing dropped."""
+    records = []
+    for line in output.splitlines():
+        start = line.find("{")
+        if f"| {kind} |" in line and start >= 0:
+            record = json.loads(line[start:])
+            records.append({k: v for k, v in record.items() if k.split("_", 1)[-1] not in TIMING_METRICS})
+    return records
+
+
+def assert_two_processes_train_like_one(data, work, args):
+    """``args`` trained by 2 gloo processes == by 1 process with --update-freq 2 (metrics and weights)."""
+    common = [data, "--dropout", "0", "--max-epoch", "2", "--seed", "3", "--log-format", "json",
+              "--required-batch-size-multiple", "1", "--max-tokens", "1000", *args]
+    one = lib_train(work, 1, [*common, "--update-freq", "2", "--save-dir", os.path.join(work, "one")])
+    two = lib_train(work, 2, [*common, "--save-dir", os.path.join(work, "two")])
+    assert "distributed init (rank 1)" in two and "distributed init" not in one
+    for kind in ("train", "valid"):
+        single, multi = epoch_records(one, kind), epoch_records(two, kind)
+        assert len(single) == 2 and single == multi, (kind, single, multi)
+    weights = [load_checkpoint(os.path.join(work, name, "checkpoint_last.pt"))["model"] for name in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-5, atol=1e-6, msg=name)
+    return epoch_records(one, "train")

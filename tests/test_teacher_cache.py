@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from cli_runner import run, train, valid_losses
+from cli_runner import assert_two_processes_train_like_one, run, train, valid_losses
 from fairseq import options, tasks
 from fairseq.criterions import CRITERION_DATACLASS_REGISTRY, CRITERION_REGISTRY
 
@@ -164,6 +164,14 @@ def test_training_from_full_cache_equals_online_training(toy_mt, caches, online_
     assert len(ours) == len(reference) == 4
     for a, b in zip(ours, reference):
         assert a == pytest.approx(b, rel=2e-3), (a, b)
+
+
+def test_two_gloo_processes_train_from_the_cache_like_one(toy_mt, caches, tmp_path):
+    """Rows are keyed by sample id, so DDP shards read the right ones: 2 processes (fairseq's own
+    distributed code, gloo) train from the cache exactly like 1 process with --update-freq 2."""
+    assert_two_processes_train_like_one(toy_mt.data, str(tmp_path),
+                                        ["--task", "distillation", "--teacher-cache", caches.top8,
+                                         "--criterion", PD_END2])
 
 
 def test_training_from_top8_cache_without_teachers(toy_mt, caches, online_log):
