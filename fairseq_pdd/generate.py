@@ -22,7 +22,7 @@ from typing import Optional
 from unittest import mock
 
 import torch
-from fairseq import checkpoint_utils, options, tasks, utils
+from fairseq import checkpoint_utils, options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import fairseq_cli.generate as fairseq_generate
@@ -198,7 +198,7 @@ class UncertaintyRun:
             self.write(records)
 
     def texts(self, task, generator, sample):
-        """(source, reference) strings per batch row, decoded as fairseq-generate does."""
+        """(source, reference, reference token ids) per batch row, decoded as fairseq-generate does."""
         if self.decode is None:
             tokenizer, bpe = task.build_tokenizer(self.cfg.tokenizer), task.build_bpe(self.cfg.bpe)
 
@@ -210,16 +210,19 @@ class UncertaintyRun:
         post = self.post_process
         strip = fairseq_generate.get_symbols_to_strip_from_output(generator)
         src_dict, tgt_dict = getattr(task, "source_dictionary", None), task.target_dictionary
+        pad = tgt_dict.pad()
+        # Python lists, not tensors: Dictionary.string iterates its input element by element.
+        net_input = sample["net_input"]
+        sources = net_input["src_tokens"].tolist() if src_dict is not None and "src_tokens" in net_input else None
+        targets = sample["target"].tolist() if sample.get("target") is not None else None
         out = []
         for i in range(sample["id"].numel()):
-            src = ""
-            if src_dict is not None and "src_tokens" in sample["net_input"]:
-                src = self.decode(src_dict.string(utils.strip_pad(sample["net_input"]["src_tokens"][i], tgt_dict.pad()), post))
-            ref = None
-            if sample.get("target") is not None:
-                ref_tokens = utils.strip_pad(sample["target"][i], tgt_dict.pad()).int().cpu()
+            src = self.decode(src_dict.string([t for t in sources[i] if t != pad], post)) if sources else ""
+            ref, ref_tokens = None, None
+            if targets is not None:
+                ref_tokens = [t for t in targets[i] if t != pad]
                 ref = self.decode(tgt_dict.string(ref_tokens, post, escape_unk=True, extra_symbols_to_ignore=strip))
-            out.append((src, ref))
+            out.append((src, ref, ref_tokens))
         return out
 
     def records_of(self, task, generator, sample, hypos, batch, token, sequence, reference_stats, texts) -> list:
@@ -230,12 +233,15 @@ class UncertaintyRun:
         sequence = {k: v.float().cpu().tolist() for k, v in sequence.items()}
         ids = sample["id"].tolist()
         strip = fairseq_generate.get_symbols_to_strip_from_output(generator)
+        rows_tokens = batch.tokens.tolist()
+        if reference_stats is not None:
+            confidence, correct = reference_stats[0].float().cpu().tolist(), reference_stats[1].int().cpu().tolist()
         records = []
         for h, (row, rank) in enumerate(zip(batch.source_rows.tolist(), batch.ranks)):
-            source, reference = texts[row]
+            source, reference, reference_tokens = texts[row]
             length = lengths[h]
-            tokens = batch.tokens[h, :length].int().cpu()
-            symbols = [tgt_dict[t] for t in tokens[:-1].tolist()]  # without EOS
+            tokens = rows_tokens[h][:length]
+            symbols = [tgt_dict[t] for t in tokens[:-1]]  # without EOS
             if rank >= 0:
                 hypothesis = self.decode(tgt_dict.string(tokens, self.post_process, extra_symbols_to_ignore=strip))
                 score = float(hypos[row][rank]["score"])
@@ -255,12 +261,11 @@ class UncertaintyRun:
                 "token": {k: v[h][:length] for k, v in token.items()},
                 "sequence": {k: v[h] for k, v in sequence.items()},
             }
-            if rank == 0 and sample.get("target") is not None:
-                ref = utils.strip_pad(sample["target"][row], tgt_dict.pad()).tolist()
-                record["reference_tokens"] = [tgt_dict[t] for t in ref[:-1]]
+            if rank == 0 and reference_tokens is not None:
+                record["reference_tokens"] = [tgt_dict[t] for t in reference_tokens[:-1]]
             if reference_stats is not None:
-                record["token_confidence"] = reference_stats[0][h, :length].float().cpu().tolist()
-                record["token_correct"] = reference_stats[1][h, :length].int().cpu().tolist()
+                record["token_confidence"] = confidence[h][:length]
+                record["token_correct"] = correct[h][:length]
             records.append(record)
         return records
 
