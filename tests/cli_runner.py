@@ -165,3 +165,32 @@ def assert_two_processes_train_like_one(data, work, args):
     for name in weights[0]:
         torch.testing.assert_close(weights[1][name], weights[0][name], rtol=1e-5, atol=1e-6, msg=name)
     return epoch_records(one, "train")
+
+
+# speech ----------------------------------------------------------------------------------------------
+ASR_SIZES = {"train": 200, "dev": 20, "test": 40}  #: utterances per subset of the toy speech corpus
+ASR_N_OOD = 40
+ASR_EPOCHS = "8"
+ASR_DECODE = ["--beam", "5", "--batch-size", "64", "--required-batch-size-multiple", "1", "--scoring", "wer", "--cpu"]
+
+
+def asr_train(data: str, save_dir: str, cwd: str, extra: Sequence[str], expect_failure: bool = False):
+    """fairseq-train with the tiny VGG-Transformer on prepared speech data."""
+    from fairseq_pdd import asr_toy_data
+
+    return run("fairseq-train", [data, "--user-dir", user_dir(), *asr_toy_data.TINY_VGG_TRANSFORMER,
+                                 *asr_toy_data.TINY_ASR_TRAINING, "--save-dir", save_dir, *extra], cwd, expect_failure)
+
+
+def asr_generate(tool: str, data: str, path: str, subset: str, cwd: str, extra: Sequence[str] = (),
+                 expect_failure: bool = False):
+    """``tool`` (fairseq-generate or fairseq-pdd-generate) with WER scoring on ``subset``."""
+    return run(tool, [data, "--user-dir", user_dir(), "--task", "speech_to_text", "--path", path,
+                      "--gen-subset", subset, *ASR_DECODE, *extra], cwd, expect_failure)
+
+
+def asr_wer(stdout: str, subset: str = "test") -> float:
+    """The WER fairseq's scorer printed for ``subset``."""
+    match = re.search(rf"Generate {subset} with beam=5: WER: ([\d.]+)", stdout)
+    assert match, f"no WER line in:\n{stdout[-2000:]}"
+    return float(match.group(1))

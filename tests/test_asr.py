@@ -24,38 +24,19 @@ import pytest
 import soundfile
 import torch
 import yaml
-from cli_runner import run
+from cli_runner import ASR_EPOCHS, ASR_N_OOD, ASR_SIZES, asr_generate, asr_train, asr_wer, run
 
+import fairseq_pdd
 from fairseq_pdd import asr_toy_data as toy
-from fairseq_pdd.cli import user_dir
 from fairseq_pdd.librispeech import PreparationError, main as prepare_main, prepare
 
-SIZES = {"train": 200, "dev": 20, "test": 40}
-N_OOD = 40
-EPOCHS = "8"
 NBEST = 3
-DECODE = ["--beam", "5", "--batch-size", "64", "--required-batch-size-multiple", "1", "--scoring", "wer", "--cpu"]
-SUBSETS = {"test": SIZES["test"], "ood": N_OOD}
-
-
-def train(data, save_dir, cwd, extra, expect_failure=False):
-    return run("fairseq-train", [data, "--user-dir", user_dir(), *toy.TINY_VGG_TRANSFORMER, *toy.TINY_ASR_TRAINING,
-                                 "--save-dir", save_dir, *extra], cwd, expect_failure)
-
-
-def generate(tool, data, path, subset, cwd, extra=(), expect_failure=False):
-    return run(tool, [data, "--user-dir", user_dir(), "--task", "speech_to_text", "--path", path,
-                      "--gen-subset", subset, *DECODE, *extra], cwd, expect_failure)
-
-
-def wer(stdout, subset="test"):
-    match = re.search(rf"Generate {subset} with beam=5: WER: ([\d.]+)", stdout)
-    assert match, f"no WER line in:\n{stdout[-2000:]}"
-    return float(match.group(1))
+SUBSETS = {"test": ASR_SIZES["test"], "ood": ASR_N_OOD}
 
 
 @dataclass
 class ToyASR:
+    """The shared corpus and teachers plus what this module trains and decodes on top of them."""
     root: str
     raw: str
     data: str
@@ -71,35 +52,28 @@ class ToyASR:
 
 
 @pytest.fixture(scope="module")
-def asr(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("toy_asr"))
-    raw = toy.write_corpus(os.path.join(root, "raw"), SIZES, ood=N_OOD, seed=1)
-    data = os.path.join(root, "data")
-    prep = run(sys.executable, ["-m", "fairseq_pdd.librispeech", "--root", raw, "--subsets", "train,dev,test,ood",
-                                "--out-dir", data, "--vocab-size", str(toy.TOY_VOCAB_SIZE)], root)
-    out = ToyASR(root, raw, data, prep.stderr, [os.path.join(root, f"teacher{s}", "checkpoint_last.pt") for s in (1, 2)],
+def asr(toy_asr):
+    root = toy_asr.root
+    data = toy_asr.data
+    out = ToyASR(root, toy_asr.raw, data, toy_asr.prepare_stderr, toy_asr.teachers,
                  os.path.join(root, "untrained", "checkpoint_last.pt"))
-    teacher = ["--task", "speech_to_text", "--criterion", "cross_entropy", "--max-epoch", EPOCHS]
     with ThreadPoolExecutor(max_workers=2) as pool:  # two subprocesses at a time
-        jobs = [pool.submit(train, data, os.path.dirname(t), root, [*teacher, "--seed", str(s)])
-                for s, t in zip((1, 2), out.teachers)]
-        untrained = pool.submit(train, data, os.path.dirname(out.untrained), root,
+        untrained = pool.submit(asr_train, data, os.path.dirname(out.untrained), root,
                                 ["--task", "speech_to_text", "--criterion", "cross_entropy", "--max-update", "1",
                                  "--lr", "1e-12"])
-        for job in jobs + [untrained]:
-            job.result()
-        untrained = pool.submit(generate, "fairseq-generate", data, out.untrained, "test", root)
-        student = train(data, os.path.join(root, "student"), root,
-                        ["--task", "asr_distillation", "--ensemble-paths", ":".join(out.teachers),
-                         "--criterion", "rkl_dirichlet_proxy_distillation", "--max-epoch", EPOCHS, "--seed", "3"])
+        student = asr_train(data, os.path.join(root, "student"), root,
+                            ["--task", "asr_distillation", "--ensemble-paths", ":".join(out.teachers),
+                             "--criterion", "rkl_dirichlet_proxy_distillation", "--max-epoch", ASR_EPOCHS, "--seed", "3"])
         out.student, out.student_log = os.path.join(root, "student", "checkpoint_last.pt"), student.stdout
+        untrained.result()
+        untrained = pool.submit(asr_generate, "fairseq-generate", data, out.untrained, "test", root)
         out.stdout[("untrained", "test")] = untrained.result().stdout
-        jobs = {("plain_student", "test"): pool.submit(generate, "fairseq-generate", data, out.student, "test", root)}
+        jobs = {("plain_student", "test"): pool.submit(asr_generate, "fairseq-generate", data, out.student, "test", root)}
         for system, path in (("ensemble", ":".join(out.teachers)), ("student", out.student)):
             for subset in SUBSETS:
                 extra = ["--nbest", str(NBEST), "--uncertainty-reference",
                          "--uncertainty-output", out.jsonl(system, subset)]
-                jobs[(system, subset)] = pool.submit(generate, "fairseq-pdd-generate", data, path, subset, root, extra)
+                jobs[(system, subset)] = pool.submit(asr_generate, "fairseq-pdd-generate", data, path, subset, root, extra)
         out.stdout.update({key: job.result().stdout for key, job in jobs.items()})
     return out
 
@@ -138,7 +112,7 @@ def test_prepared_data_layout(asr):
     with open(os.path.join(asr.data, f"{vocab}.txt")) as f:
         pieces = [line.split()[0] for line in f]
     assert len(pieces) == toy.TOY_VOCAB_SIZE - 4 and "▁seven" in pieces  # fairseq adds <s> <pad> </s> <unk>
-    for subset, n in {**SIZES, "ood": N_OOD}.items():
+    for subset, n in {**ASR_SIZES, "ood": ASR_N_OOD}.items():
         rows = read_tsv(os.path.join(asr.data, f"{subset}.tsv"))
         assert len(rows) == n and list(rows[0]) == ["id", "audio", "n_frames", "tgt_text", "speaker"]
         assert len({r["id"] for r in rows}) == n
@@ -161,6 +135,8 @@ def test_prepared_data_layout(asr):
 
 def _speech_task(data, config="config.yaml", task="speech_to_text"):
     from fairseq.tasks import TASK_REGISTRY
+
+    fairseq_pdd.register()  # the in-process way to get the plugin's tasks
 
     args = argparse.Namespace(data=data, config_yaml=config, multitask_config_yaml=None, max_source_positions=6000,
                               max_target_positions=1024, seed=1, ensemble_paths="", fp16_ensemble=False,
@@ -217,16 +193,16 @@ def test_student_distils_the_teachers(asr):
     log = asr.student_log
     assert f"loaded 2 teachers (torch.float32): {asr.teachers[0]}, {asr.teachers[1]}" in log
     valid = [float(x) for x in re.findall(r"valid on 'dev' subset \| loss ([\d.]+)", log)]
-    assert len(valid) == int(EPOCHS) and valid[-1] < valid[0]
+    assert len(valid) == int(ASR_EPOCHS) and valid[-1] < valid[0]
     mkl = re.findall(r"valid on 'dev' subset .*\| ensemble_mkl ([\d.]+)", log)
     assert mkl and float(mkl[-1]) > 0
 
 
 def test_wer_of_student_and_ensemble_beats_untrained(asr):
-    untrained = wer(asr.stdout[("untrained", "test")])
-    student_plain = wer(asr.stdout[("plain_student", "test")])  # fairseq-generate (softmax of the logits)
-    student = wer(asr.stdout[("student", "test")])  # fairseq-pdd-generate (Dirichlet mean)
-    ensemble = wer(asr.stdout[("ensemble", "test")])
+    untrained = asr_wer(asr.stdout[("untrained", "test")])
+    student_plain = asr_wer(asr.stdout[("plain_student", "test")])  # fairseq-generate (softmax of the logits)
+    student = asr_wer(asr.stdout[("student", "test")])  # fairseq-pdd-generate (Dirichlet mean)
+    ensemble = asr_wer(asr.stdout[("ensemble", "test")])
     print(f"WER untrained {untrained}, ensemble {ensemble}, student {student} (plain decoding {student_plain})")
     assert untrained > 150  # an untrained decoder rambles on (about 270 % here)
     assert ensemble < 75  # about 55 % here after 8 epochs
@@ -251,7 +227,7 @@ def test_evaluation_report(asr, report):
     assert rep["config"]["task"] == "asr" and rep["config"]["prr_error"] == "wer"
     for name in ("ensemble", "student"):
         res = rep["systems"][name]
-        assert res["quality"]["wer"] == pytest.approx(wer(asr.stdout[(name, "test")]), abs=0.01)  # fairseq's scorer
+        assert res["quality"]["wer"] == pytest.approx(asr_wer(asr.stdout[(name, "test")]), abs=0.01)  # fairseq's scorer
         assert set(res["quality"]) == {"wer", "sentence_wer_mean", "nll"}
         assert "mutual_information" in res["error_detection"] and all(
             -1 <= v <= 1 for v in res["error_detection"].values())
@@ -386,7 +362,7 @@ def test_decoding_with_other_feature_dimension(asr, data40):
         "config80.yaml": "FeatureDimensionError: speech features of shape (",
     }
     with ThreadPoolExecutor(max_workers=2) as pool:
-        procs = {c: pool.submit(generate, "fairseq-generate", data40, asr.student, "dev", asr.root,
+        procs = {c: pool.submit(asr_generate, "fairseq-generate", data40, asr.student, "dev", asr.root,
                                 ["--config-yaml", c], True) for c in cases}
     for config_name, message in cases.items():
         stderr = procs[config_name].result().stderr
