@@ -59,6 +59,15 @@ class EnsembleStatistics:
         return self._disagreement(self.cross_entropy, self.entropy_of_expected)
 
 
+def entropy_of(probs: torch.Tensor) -> torch.Tensor:
+    """``H[p] = -sum_k p_k log p_k`` over the last dimension, with ``0 log 0 = 0``.
+
+    ``log`` of ``p`` clamped at the dtype's smallest normal number: same values as ``torch.xlogy(p, p)``
+    to within ``K * tiny``, at about half its cost on CPU.
+    """
+    return -(probs * torch.log(probs.clamp(min=torch.finfo(probs.dtype).tiny))).sum(-1)
+
+
 class EnsembleAccumulator:
     """Adds members' log-probabilities (N, K) one at a time; ``finalize()`` gives the statistics."""
 
@@ -69,8 +78,12 @@ class EnsembleAccumulator:
         self._count = 0
         self._finalized = False
 
-    def add(self, log_probs: torch.Tensor) -> None:
-        """Add one member's log-probabilities (N, K); half precision is upcast to float32."""
+    def add(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """Add one member's log-probabilities (N, K); half precision is upcast to float32.
+
+        Returns the member's probabilities (N, K), valid until the next ``add`` (which may update them
+        in place).
+        """
         if self._finalized:
             raise RuntimeError("EnsembleAccumulator.add() after finalize(); start a new accumulator")
         log_probs = log_probs.to(compute_dtype(log_probs.dtype))
@@ -89,6 +102,7 @@ class EnsembleAccumulator:
             self._sum_log_probs += log_probs
             self._sum_entropy += entropy
         self._count += 1
+        return probs
 
     def finalize(self) -> EnsembleStatistics:
         if self._count == 0:
@@ -102,7 +116,7 @@ class EnsembleAccumulator:
             mean_probs=mean_probs,
             mean_log_probs=mean_log_probs,
             expected_entropy=self._sum_entropy / m,
-            entropy_of_expected=-torch.xlogy(mean_probs, mean_probs).sum(-1),
+            entropy_of_expected=entropy_of(mean_probs),
             cross_entropy=-(mean_probs * mean_log_probs).sum(-1),
             num_models=m,
         )

@@ -7,16 +7,21 @@ with three hooks installed for the duration of the run:
   Dirichlet criterion is a *Dirichlet student* (its predictive, also for beam search, is the mean
   ``alpha / a0`` with the checkpoint's parametrization and offset, not ``softmax(z)``); anything
   else is an *ensemble* of softmax members (M = 1 included);
-* after each batch is decoded, its n-best lists (and with ``--uncertainty-reference`` the references,
-  forced-decoded) are re-scored teacher-forced in one batched pass per model
-  (:mod:`fairseq_pdd.rescoring`) and the measures of :mod:`fairseq_pdd.uncertainty` are attached:
-  a ``U-{id}`` line per hypothesis in fairseq's output and one JSONL record per hypothesis in
-  ``--uncertainty-output`` (default ``{results_path or .}/uncertainty-{gen_subset}.jsonl``),
-  written to a temporary file and renamed when decoding finishes;
+* when the task builds its generator, fairseq's ensemble wrapper is replaced by one that computes the
+  measures inside beam search from the distributions the search already has, step by step for every
+  beam row (:mod:`fairseq_pdd.beam_uncertainty`), so the models run once;
+* after each batch is decoded, the measures of :mod:`fairseq_pdd.uncertainty` are attached to its
+  n-best lists: a ``U-{id}`` line per hypothesis in fairseq's output and one JSONL record per
+  hypothesis in ``--uncertainty-output`` (default ``{results_path or .}/uncertainty-{gen_subset}.jsonl``),
+  written to a temporary file and renamed when decoding finishes. The references
+  (``--uncertainty-reference``), and the hypotheses themselves with ``--uncertainty-rescore`` or a
+  generator other than fairseq's plain beam search, are re-scored teacher-forced in batched passes
+  (:mod:`fairseq_pdd.rescoring`);
 * the output stream fairseq writes to is shared, so the U- lines sit with the batch's other lines.
 """
 import contextlib
 import json
+import logging
 import os
 from typing import Optional
 from unittest import mock
@@ -27,8 +32,11 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import fairseq_cli.generate as fairseq_generate
 import fairseq_pdd
-from fairseq_pdd import rescoring, uncertainty
+from fairseq_pdd import beam_uncertainty, rescoring, uncertainty
+from fairseq_pdd.step_uncertainty import DirichletStepUncertainty, EnsembleStepUncertainty, pad_columns
 from fairseq_pdd.dirichlet import concentrations
+
+logger = logging.getLogger(__name__)
 
 # fairseq's --user-dir import finds this package already imported (by this module), so register here.
 fairseq_pdd.register()
@@ -51,6 +59,9 @@ def add_uncertainty_args(parser) -> None:
     group.add_argument("--uncertainty-reference", action="store_true",
                        help="also forced-decode each reference (records with rank -1, token confidence "
                             "and correctness for calibration)")
+    group.add_argument("--uncertainty-rescore", action="store_true",
+                       help="re-score the n-best lists teacher-forced after decoding instead of computing the "
+                            "measures during beam search (same values; the measures then ignore --temperature)")
     group.add_argument("--uncertainty-max-tokens", type=int, default=None, metavar="N",
                        help="re-score hypotheses in length-sorted groups of at most N padded target tokens "
                             f"(default: {BUCKET_ELEMENTS} / vocabulary size, bounding the logits to that many elements)")
@@ -98,6 +109,7 @@ class UncertaintyRun:
         self.predictive: Optional[DirichletPredictive] = None
         self.records: Optional[object] = None
         self.decode = None
+        self.step_measures = None  #: the StepUncertainty when the measures come from beam search
 
     # hooks ------------------------------------------------------------------------------------
     def main(self, original):
@@ -142,11 +154,33 @@ class UncertaintyRun:
                 return hypos
 
             task.inference_step = inference_step_with_uncertainty
+            build_generator = task.build_generator
+
+            def build_measuring_generator(models, *args, **kw):
+                generator = build_generator(models, *args, **kw)
+                if not self.args.uncertainty_rescore:
+                    self.track_in_beam(generator, len(models), task.target_dictionary.eos())
+                return generator
+
+            task.build_generator = build_measuring_generator
             return task
 
         return hooked_setup
 
     # work -------------------------------------------------------------------------------------
+    def track_in_beam(self, generator, num_models: int, eos: int) -> None:
+        """Have ``generator`` compute the measures during its beam search, if it is fairseq's plain one."""
+        if self.predictive is not None:
+            measures = DirichletStepUncertainty()
+            outputs_of = lambda captured: self.predictive.alpha(captured[0][0][:, -1, :])  # noqa: E731
+        else:
+            measures, outputs_of = EnsembleStepUncertainty(num_models), beam_uncertainty.ensemble_outputs
+        if beam_uncertainty.install(generator, measures, outputs_of, eos):
+            self.step_measures = measures
+        else:
+            logger.warning("%s is not fairseq's plain beam search: its hypotheses are re-scored after decoding",
+                           type(generator).__name__)
+
     @staticmethod
     def output_path(cfg, explicit: Optional[str]) -> str:
         path = explicit or os.path.join(
@@ -171,13 +205,21 @@ class UncertaintyRun:
         return token, sequence, stats.mean_probs
 
     def score_batch(self, task, generator, models, sample, hypos) -> None:
-        """Re-score the batch's n-best (and references) in length buckets; write its records in order."""
+        """Attach the measures to the batch's n-best (from beam search, or re-scored in length buckets, as are
+        the references); write its records in order."""
         tgt_dict = task.target_dictionary
         pad, eos = tgt_dict.pad(), tgt_dict.eos()
         batches = [rescoring.from_nbest(hypos, self.nbest, pad)]
+        texts = self.texts(task, generator, sample)
+        if self.step_measures is not None:  # measured during beam search
+            batch = batches.pop()
+            columns = beam_uncertainty.take_columns(hypos, self.nbest, self.step_measures.channels)
+            token, sequence = self.step_measures.hypothesis_measures(pad_columns(columns), batch.mask)
+            self.write(self.records_of(task, generator, sample, hypos, batch, token, sequence, None, texts))
         if self.args.uncertainty_reference and sample.get("target") is not None:
             batches.append(rescoring.from_references(sample["target"], pad))
-        texts = self.texts(task, generator, sample)
+        if not batches:
+            return
         encoder_outs = [rescoring.encode(model, sample["net_input"]) for model in models]
         budget = self.args.uncertainty_max_tokens or max(1, BUCKET_ELEMENTS // len(tgt_dict))
         for batch in batches:

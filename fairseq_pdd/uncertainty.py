@@ -57,6 +57,7 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import torch
 
 from fairseq_pdd.dirichlet import EPS_UNCERTAINTY
+from fairseq_pdd import ensemble_stats
 from fairseq_pdd.ensemble_stats import EnsembleAccumulator, EnsembleStatistics
 from fairseq_pdd.fused import CHUNK_ELEMENTS, compute_dtype
 
@@ -124,12 +125,17 @@ def _dirichlet_rows(alpha: torch.Tensor, tokens: Optional[torch.Tensor]) -> Tupl
     }
     bad = ~(torch.isfinite(alpha) & (alpha > 0)).all(-1)  # (n,) rows with an invalid alpha
     if tokens is not None:
-        alpha_y = alpha.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        nll = torch.log(a0) - torch.log(alpha_y)  # -log phat(y)
-        # E_pi[log phat(y) - log pi(y)] = h(alpha_y) - h(a0) >= 0
-        nll_mkl = (_digamma_gap(alpha_y, "h") - _digamma_gap(a0, "h")).clamp(min=0)
-        out.update(nll=nll, expected_nll=nll + nll_mkl, nll_mkl=nll_mkl)
+        out.update(dirichlet_target_measures(alpha.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), a0))
     return out, bad
+
+
+def dirichlet_target_measures(alpha_y: torch.Tensor, a0: torch.Tensor) -> Measures:
+    """Chosen-token measures from the chosen class' concentration ``alpha_y`` and the precision ``a0``
+    (same shape): ``nll = log a0 - log alpha_y = -log phat(y)``, ``nll_mkl = E_pi[log phat(y) - log pi(y)]
+    = h(alpha_y) - h(a0) >= 0`` (``h(x) = log x - psi(x)``) and ``expected_nll = nll + nll_mkl``."""
+    nll = torch.log(a0) - torch.log(alpha_y)
+    nll_mkl = (_digamma_gap(alpha_y, "h") - _digamma_gap(a0, "h")).clamp(min=0)
+    return {"nll": nll, "expected_nll": nll + nll_mkl, "nll_mkl": nll_mkl}
 
 
 def dirichlet_token_measures(
@@ -203,6 +209,23 @@ def dirichlet_hypothesis_measures(
     return token, sequence_measures(token, mask, -token["nll"], validate)
 
 
+def dirichlet_measures_of(
+    distribution_measures: Mapping[str, torch.Tensor],
+    alpha_y: torch.Tensor,
+    a0: torch.Tensor,
+    mask: torch.Tensor,
+    validate: bool = True,
+) -> Tuple[Measures, Measures]:
+    """:func:`dirichlet_hypothesis_measures` from the distribution measures (B, T) already computed
+    (:data:`DIRICHLET_TOKEN_KEYS`, e.g. step by step during beam search) and the chosen tokens'
+    concentrations ``alpha_y`` and precisions ``a0`` (B, T) (any value at padding)."""
+    one = torch.ones_like(a0)
+    token = dict(distribution_measures)
+    token.update(dirichlet_target_measures(torch.where(mask, alpha_y, one), torch.where(mask, a0, one)))
+    token = {key: torch.where(mask, value, torch.zeros_like(value)) for key, value in token.items()}
+    return token, sequence_measures(token, mask, -token["nll"], validate)
+
+
 # ----------------------------------------------------------------------------------------------
 # Ensembles
 
@@ -235,9 +258,9 @@ def ensemble_token_measures(stats: EnsembleStatistics, ep_mean_probs: Optional[t
             raise ValueError(f"ep_mean_probs of shape {tuple(ep_mean_probs.shape)} do not match the ensemble "
                              f"statistics {tuple(stats.mean_probs.shape)}")
         q = ep_mean_probs.to(stats.mean_probs.dtype)
-        entropy = -torch.xlogy(q, q).sum(-1)
-        # q_k = 0 contributes nothing even where mlog_k = -inf
-        cross = -torch.where(q > 0, q * stats.mean_log_probs, torch.zeros_like(q)).sum(-1)
+        entropy = ensemble_stats.entropy_of(q)
+        # q_k = 0 contributes nothing even where mlog_k = -inf (clamped to the lowest finite value)
+        cross = -(q * stats.mean_log_probs.clamp(min=torch.finfo(q.dtype).min)).sum(-1)
         out.update(
             ep_total_uncertainty=entropy,
             ep_mutual_information=entropy - stats.expected_entropy,
@@ -347,7 +370,19 @@ def ensemble_hypothesis_measures(
     ``score = log_prob / L`` and :data:`ENSEMBLE_SEQUENCE_KEYS`.
     """
     _check_mask(mask, stats.expected_entropy.shape, "the ensemble statistics")
-    token = ensemble_token_measures(stats, ep_mean_probs)
+    return ensemble_measures_of(ensemble_token_measures(stats, ep_mean_probs), member_token_log_probs, mask, validate)
+
+
+def ensemble_measures_of(
+    distribution_measures: Mapping[str, torch.Tensor],
+    member_token_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    validate: bool = True,
+) -> Tuple[Measures, Measures]:
+    """:func:`ensemble_hypothesis_measures` from the distribution measures (B, T) already computed
+    (:func:`ensemble_token_measures`' keys, e.g. step by step during beam search) and the members'
+    chosen-token log-probabilities (M, B, T)."""
+    token = dict(distribution_measures)
     token.update(ensemble_target_measures(member_token_log_probs, mask, validate))
     token = {key: torch.where(mask, value, torch.zeros_like(value)) for key, value in token.items()}
     sequence = sequence_measures(token, mask, -token["nll"], validate)

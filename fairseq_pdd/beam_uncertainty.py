@@ -1,0 +1,90 @@
+"""Uncertainty measures tracked during fairseq's own beam search (fairseq glue).
+
+fairseq's ``SequenceGenerator`` already carries one per-row, per-step tensor through beam search: the
+attention returned by ``EnsembleModel.forward_decoder``, written to ``attn[:, :, step + 1]``, re-ordered
+with the beam, compacted when sentences finish and cut per finished hypothesis into
+``hypo["attention"]`` (src_len, L). :class:`MeasuringEnsemble` appends the step's measure columns
+(:mod:`fairseq_pdd.step_uncertainty`) to the models' attention, so they follow every hypothesis for
+free; :func:`take_columns` splits them off right after decoding and gives ``hypo["attention"]`` back as
+fairseq made it. The models run once, in the beam search itself: nothing is re-scored.
+
+The measures are of the distributions beam search used: with ``--temperature`` they are those of the
+tempered models.
+"""
+from typing import Callable, List
+
+import torch
+from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
+
+from fairseq_pdd.step_uncertainty import StepUncertainty
+
+
+class _Capture:
+    """Wraps a model's ``get_normalized_probs``; appends ``(logits, result)`` of every call to ``sink``."""
+
+    def __init__(self, get_normalized_probs, sink: list):
+        self.inner, self.sink = get_normalized_probs, sink
+
+    def __call__(self, net_output, log_probs, sample=None):
+        out = self.inner(net_output, log_probs, sample)
+        self.sink.append((net_output[0], out))
+        return out
+
+
+class MeasuringEnsemble(EnsembleModel):
+    """fairseq's ``EnsembleModel`` whose decoder step also returns the measure columns (see module doc).
+
+    ``outputs_of`` turns the step's captured ``[(logits (rows, 1, K), log-probs (rows, 1, K)), ...]``
+    (one per model) into what ``measures.step`` takes.
+    """
+
+    def __init__(self, models, measures: StepUncertainty, outputs_of: Callable[[list], object], eos: int):
+        super().__init__(models)
+        self.measures, self.outputs_of, self.eos = measures, outputs_of, eos
+        self._captured: list = []
+        for model in self.models:
+            model.get_normalized_probs = _Capture(model.get_normalized_probs, self._captured)
+
+    def forward_decoder(self, tokens, encoder_outs, incremental_states, temperature: float = 1.0):
+        self._captured.clear()
+        lprobs, attn = super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
+        columns = self.measures.step(self.outputs_of(self._captured), tokens, self.eos)
+        self._captured.clear()
+        return lprobs, columns if attn is None else torch.cat([attn.to(columns.dtype), columns], 1)
+
+    def reorder_incremental_state(self, incremental_states, new_order):
+        self.measures.reorder(new_order)
+        super().reorder_incremental_state(incremental_states, new_order)
+
+
+def ensemble_outputs(captured: list) -> List[torch.Tensor]:
+    """The members' log-probabilities (rows, K) at this step."""
+    return [log_probs[:, -1, :] for _, log_probs in captured]
+
+
+def install(generator, measures: StepUncertainty, outputs_of: Callable[[list], object], eos: int) -> bool:
+    """Replace ``generator``'s ensemble by a :class:`MeasuringEnsemble` of the same models.
+
+    Only fairseq's plain ``SequenceGenerator`` with its plain ``EnsembleModel`` is handled (not, e.g.,
+    the alignment variant of ``--print-alignment``); returns False, changing nothing, for any other.
+    """
+    if not isinstance(generator, SequenceGenerator) or type(generator.model) is not EnsembleModel:
+        return False
+    generator.model = MeasuringEnsemble(list(generator.model.models), measures, outputs_of, eos).eval()
+    return True
+
+
+def take_columns(hypos, nbest: int, channels: int) -> List[torch.Tensor]:
+    """The measure columns (L, C) of the first ``nbest`` hypotheses of every source, in order; each
+    hypothesis' ``attention`` is given back without them (empty when the models return no attention)."""
+    out = []
+    for beam in hypos:
+        for rank, hypo in enumerate(beam):
+            attention = hypo["attention"]
+            if attention.dim() != 2 or attention.size(0) < channels:
+                raise RuntimeError(f"hypothesis without measure columns (attention of shape "
+                                   f"{tuple(attention.shape)}); was it decoded by MeasuringEnsemble?")
+            if rank < nbest:
+                out.append(attention[-channels:].t())
+            hypo["attention"] = attention[:-channels] if attention.size(0) > channels else torch.empty(0)
+    return out
