@@ -19,6 +19,10 @@ from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 from fairseq_pdd.step_uncertainty import StepUncertainty
 
 
+class NonFiniteOutputError(ValueError):
+    """A model gives NaN log-probabilities during beam search (reported as a one-line CLI error)."""
+
+
 class _Capture:
     """Wraps a model's ``get_normalized_probs``; appends ``(logits, result)`` of every call to ``sink``."""
 
@@ -35,12 +39,15 @@ class MeasuringEnsemble(EnsembleModel):
     """fairseq's ``EnsembleModel`` whose decoder step also returns the measure columns (see module doc).
 
     ``outputs_of`` turns the step's captured ``[(logits (rows, 1, K), log-probs (rows, 1, K)), ...]``
-    (one per model) into what ``measures.step`` takes.
+    (one per model) into what ``measures.step`` takes. A model whose log-probabilities have a NaN stops
+    the search with :class:`NonFiniteOutputError` naming it (``names``, one per model): fairseq would
+    replace the NaN by -inf and search on, to an assertion at the length limit or to garbage.
     """
 
-    def __init__(self, models, measures: StepUncertainty, outputs_of: Callable[[list], object], eos: int):
+    def __init__(self, models, measures: StepUncertainty, outputs_of: Callable[[list], object], eos: int,
+                 names: List[str]):
         super().__init__(models)
-        self.measures, self.outputs_of, self.eos = measures, outputs_of, eos
+        self.measures, self.outputs_of, self.eos, self.names = measures, outputs_of, eos, names
         self._captured: list = []
         for model in self.models:
             model.get_normalized_probs = _Capture(model.get_normalized_probs, self._captured)
@@ -48,9 +55,17 @@ class MeasuringEnsemble(EnsembleModel):
     def forward_decoder(self, tokens, encoder_outs, incremental_states, temperature: float = 1.0):
         self._captured.clear()
         lprobs, attn = super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
+        self._check_finite(tokens.size(1) - 1)
         columns = self.measures.step(self.outputs_of(self._captured), tokens, self.eos)
         self._captured.clear()
         return lprobs, columns if attn is None else torch.cat([attn.to(columns.dtype), columns], 1)
+
+    def _check_finite(self, step: int) -> None:
+        nan = torch.stack([torch.isnan(log_probs).any() for _, log_probs in self._captured])
+        if bool(nan.any()):  # one device sync per step
+            name = self.names[int(nan.nonzero()[0])]
+            raise NonFiniteOutputError(f"model {name} gives NaN log-probabilities at decoding step {step}: "
+                                       f"its checkpoint holds NaN weights or its activations overflow")
 
     def reorder_incremental_state(self, incremental_states, new_order):
         self.measures.reorder(new_order)
@@ -62,15 +77,17 @@ def ensemble_outputs(captured: list) -> List[torch.Tensor]:
     return [log_probs[:, -1, :] for _, log_probs in captured]
 
 
-def install(generator, measures: StepUncertainty, outputs_of: Callable[[list], object], eos: int) -> bool:
-    """Replace ``generator``'s ensemble by a :class:`MeasuringEnsemble` of the same models.
+def install(generator, measures: StepUncertainty, outputs_of: Callable[[list], object], eos: int,
+            names: List[str]) -> bool:
+    """Replace ``generator``'s ensemble by a :class:`MeasuringEnsemble` of the same models (``names``
+    for error messages).
 
     Only fairseq's plain ``SequenceGenerator`` with its plain ``EnsembleModel`` is handled (not, e.g.,
     the alignment variant of ``--print-alignment``); returns False, changing nothing, for any other.
     """
     if not isinstance(generator, SequenceGenerator) or type(generator.model) is not EnsembleModel:
         return False
-    generator.model = MeasuringEnsemble(list(generator.model.models), measures, outputs_of, eos).eval()
+    generator.model = MeasuringEnsemble(list(generator.model.models), measures, outputs_of, eos, names).eval()
     return True
 
 

@@ -110,6 +110,7 @@ class UncertaintyRun:
         self.records: Optional[object] = None
         self.decode = None
         self.step_measures = None  #: the StepUncertainty when the measures come from beam search
+        self.model_paths = []
 
     # hooks ------------------------------------------------------------------------------------
     def main(self, original):
@@ -133,6 +134,7 @@ class UncertaintyRun:
     def load_model_ensemble(self, original):
         def hooked_load(filenames, *args, **kwargs):
             models, saved_cfg = original(filenames, *args, **kwargs)
+            self.model_paths = list(filenames)
             if len(models) == 1:
                 self.predictive = dirichlet_predictive(saved_cfg, self.args.predictive)
                 if self.predictive is not None:
@@ -175,7 +177,7 @@ class UncertaintyRun:
             outputs_of = lambda captured: self.predictive.alpha(captured[0][0][:, -1, :])  # noqa: E731
         else:
             measures, outputs_of = EnsembleStepUncertainty(num_models), beam_uncertainty.ensemble_outputs
-        if beam_uncertainty.install(generator, measures, outputs_of, eos):
+        if beam_uncertainty.install(generator, measures, outputs_of, eos, self.model_paths):
             self.step_measures = measures
         else:
             logger.warning("%s is not fairseq's plain beam search: its hypotheses are re-scored after decoding",
@@ -339,7 +341,7 @@ def cli_main() -> None:
     args = options.parse_args_and_arch(parser)
     try:
         main(args)
-    except PredictiveOptionError as e:
+    except (PredictiveOptionError, beam_uncertainty.NonFiniteOutputError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

@@ -6,9 +6,11 @@ import pytest
 import torch
 from cli_runner import preprocess, run, train
 
-import fairseq_pdd  # noqa: F401  (allow-lists fairseq's classes for weights-only loading)
+import fairseq_pdd
 from fairseq_pdd.cli import user_dir
 from fairseq_pdd.toy_data import write_corpus
+
+fairseq_pdd.register()  # the plugin's tasks and criteria, and the weights-only allow-list
 
 ONE_STEP = ["--max-update", "1", "--max-epoch", "1"]
 
@@ -74,14 +76,33 @@ def test_teacher_vocabulary_size_without_its_data(toy_mt, foreign_teacher):
     assert "but the task's source dictionary has" in err
 
 
-def test_non_finite_teacher_outputs(toy_mt):
+@pytest.fixture(scope="module")
+def nan_teacher(toy_mt):
+    """The first teacher with one NaN in its (shared) output embedding: every distribution is NaN."""
     state = torch.load(toy_mt.teachers[0], weights_only=True)
     state["model"]["decoder.embed_tokens.weight"][5, 0] = float("nan")
     poisoned = os.path.join(toy_mt.root, "nan_teacher.pt")
     torch.save(state, poisoned)
-    err = distil_fails(toy_mt, f"{toy_mt.teachers[1]}:{poisoned}", "bad_nan")
-    assert f"non-finite teacher outputs from {poisoned} on sample ids [" in err
+    return poisoned
+
+
+def test_non_finite_teacher_outputs(toy_mt, nan_teacher):
+    err = distil_fails(toy_mt, f"{toy_mt.teachers[1]}:{nan_teacher}", "bad_nan")
+    assert f"non-finite teacher outputs from {nan_teacher} on sample ids [" in err
     assert toy_mt.teachers[1] not in err.split("non-finite teacher outputs from")[1].splitlines()[0]
+
+
+def test_nan_model_stops_uncertainty_decoding_with_its_name(toy_mt, nan_teacher):
+    """fairseq's beam search would turn the NaN into -inf and fail on an assertion at the length limit;
+    fairseq-pdd-generate names the model at the first step and leaves no output file."""
+    output = os.path.join(toy_mt.root, "nan_decode", "test.jsonl")
+    proc = run("fairseq-pdd-generate",
+               [toy_mt.data, "--user-dir", user_dir(), "--path", f"{toy_mt.teachers[1]}:{nan_teacher}",
+                "--gen-subset", "test", "--beam", "5", "--batch-size", "64", "--cpu", "--quiet",
+                "--uncertainty-output", output], toy_mt.root, expect_failure=True)
+    assert (f"fairseq-pdd-generate: error: model {nan_teacher} gives NaN log-probabilities at decoding step 0"
+            in proc.stderr), proc.stderr[-2000:]
+    assert not os.path.exists(output) and not os.path.exists(output + ".tmp")
 
 
 def test_truncated_checkpoint(toy_mt):

@@ -280,17 +280,21 @@ def test_student_decodes_with_the_dirichlet_mean(toy_mt, decodes):
     assert min(diffs) > 1e-3, min(diffs)  # every shared hypothesis is scored differently
 
 
-def test_length_groups_do_not_change_the_records(toy_mt, decodes):
-    """Re-scoring in length groups of at most 8 padded tokens (mostly one row each, ordered by length, not
-    by row) writes the same records, in the same order, as the default grouping."""
-    target = os.path.join(decodes.work, "grouped", "test.jsonl")
-    _generate("fairseq-pdd-generate", toy_mt.data, "test", decodes.ensemble, decodes.work,
-              ["--uncertainty-reference", "--uncertainty-max-tokens", "8", "--quiet", "--uncertainty-output", target])
-    default, grouped = read_jsonl(decodes.jsonl("ensemble", "test")), read_jsonl(target)
-    assert [(r["id"], r["rank"], r["hypothesis"]) for r in grouped] == \
+@pytest.mark.parametrize("system", ["ensemble", "student"])
+def test_beam_measures_equal_rescoring_in_length_groups(toy_mt, decodes, system):
+    """The measures computed inside beam search (the default) equal those of re-scoring the n-best lists
+    teacher-forced (``--uncertainty-rescore``) in length groups of at most 8 padded tokens (mostly one
+    row each, ordered by length, not by row): same records, same order, same numbers to float32 rounding."""
+    target = os.path.join(decodes.work, "rescored", system, "test.jsonl")
+    path = decodes.ensemble if system == "ensemble" else decodes.student
+    _generate("fairseq-pdd-generate", toy_mt.data, "test", path, decodes.work,
+              ["--uncertainty-reference", "--uncertainty-rescore", "--uncertainty-max-tokens", "8", "--quiet",
+               "--uncertainty-output", target])
+    default, rescored = read_jsonl(decodes.jsonl(system, "test")), read_jsonl(target)
+    assert [(r["id"], r["rank"], r["hypothesis"]) for r in rescored] == \
         [(r["id"], r["rank"], r["hypothesis"]) for r in default]
     assert max(r["length"] for r in default) > 8  # rows longer than the budget are groups of their own
-    for a, b in zip(default, grouped):
+    for a, b in zip(default, rescored):
         values_a, values_b = dict(numbers(a)), dict(numbers(b))
         assert values_a.keys() == values_b.keys()
         for key, value in values_a.items():

@@ -13,11 +13,13 @@ from cli_runner import assert_two_processes_train_like_one, run, train, valid_lo
 from fairseq import options, tasks
 from fairseq.criterions import CRITERION_DATACLASS_REGISTRY, CRITERION_REGISTRY
 
-import fairseq_pdd  # noqa: F401  (registers the task and criteria)
+import fairseq_pdd
 from fairseq_pdd import teacher_cache
 from fairseq_pdd.cache_format import HEADER, TeacherCacheError, open_cache
 from fairseq_pdd.teachers import TeacherEnsemble, load_teacher
 from fairseq_pdd.topk_stats import compress, expand
+
+fairseq_pdd.register()  # the plugin's tasks and criteria, and the weights-only allow-list
 
 PD_END2 = "rkl_dirichlet_proxy_distillation"
 CRITERIA = {
