@@ -12,15 +12,16 @@ One run:
 
    * for the ensemble (both teachers, ``--path a:b``) and the student (one Dirichlet checkpoint),
    * with ``--nbest 1`` and ``--nbest 5`` (beam 5),
-   * ``plain``: ``fairseq-generate``; ``pdd``: ``fairseq-pdd-generate``; ``pdd+ref``: the same with
-     ``--uncertainty-reference`` (forced-decoded references too);
+   * ``plain``: ``fairseq-generate``; ``pdd``: ``fairseq-pdd-generate`` (measures computed inside the beam
+     search); ``pdd+ref``: the same with ``--uncertainty-reference`` (forced-decoded references too);
+     ``pdd-rescore``: ``--uncertainty-rescore`` (the n-best lists re-scored teacher-forced after decoding);
 
    each on subset ``test`` and, once per (tool, model) and round, on the 1-sentence subset ``test1``:
    the *start-up* cost (Python and fairseq imports, hydra config, checkpoint loading, data loading),
    which is the same whatever the test set's size.
 3. reports, per configuration, the medians of: the wall time; fairseq's own generation time (the
    ``Translated N sentences (T tokens) in Xs (S sentences/s ...)`` line, taken as N / S for precision;
-   for ``fairseq-pdd-generate`` it includes the re-scoring and the JSONL writing, which run inside
+   for ``fairseq-pdd-generate`` it includes the measures, the re-scoring and the JSONL writing, which run inside
    fairseq's timed ``inference_step``); and the *net* time = wall - start-up of the same tool and model.
    Ratios pdd / plain are given for all three. Writes ``--out`` (JSON) and prints a table.
 
@@ -55,6 +56,7 @@ VARIANTS = {  # name -> (tool, extra options)
     "plain": ("fairseq-generate", []),
     "pdd": ("fairseq-pdd-generate", []),
     "pdd+ref": ("fairseq-pdd-generate", ["--uncertainty-reference"]),
+    "pdd-rescore": ("fairseq-pdd-generate", ["--uncertainty-rescore"]),
 }
 TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s \(([\d.]+) sentences/s")
 BLEU = re.compile(r"BLEU = ([\d.]+)")
@@ -99,7 +101,7 @@ def build(args):
         ck = os.path.join(save, "checkpoint_last.pt")
         if not os.path.exists(ck):
             print(f"train teacher {seed} ({args.teacher_epochs} epochs)", flush=True)
-            run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TINY_TRAINING,
+            run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *args.model_args, *TINY_TRAINING,
                                   "--save-dir", save, "--criterion", "cross_entropy",
                                   "--max-epoch", args.teacher_epochs, "--seed", seed], work)
         teachers.append(ck)
@@ -107,7 +109,7 @@ def build(args):
     student = os.path.join(save, "checkpoint_last.pt")
     if not os.path.exists(student):
         print(f"train PD-EnD2 student ({args.student_epochs} epochs)", flush=True)
-        run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TINY_TRAINING,
+        run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *args.model_args, *TINY_TRAINING,
                               "--save-dir", save, "--task", "distillation", "--ensemble-paths", ":".join(teachers),
                               "--criterion", "rkl_dirichlet_proxy_distillation",
                               "--max-epoch", args.student_epochs, "--seed", 3], work)
@@ -200,7 +202,7 @@ def summarise(results, models, nbests, has_startup):
         for nbest in nbests:
             plain = results[f"{model}/nbest{nbest}/plain"]
             p_net = plain["wall_median_s"] - startup[(model, "plain")] if has_startup else None
-            for variant in ("pdd", "pdd+ref"):
+            for variant in [v for v in VARIANTS if v != "plain"]:
                 rec = results[f"{model}/nbest{nbest}/{variant}"]
                 net = rec["wall_median_s"] - startup[(model, "pdd")] if has_startup else None
                 rows.append({
@@ -250,6 +252,9 @@ def parse_args(argv=None):
                         "(default: test1 when the data is built here, none with --data)")
     p.add_argument("--test", type=int, default=1000, help="test sentences of the built corpus")
     p.add_argument("--train", type=int, default=2000, help="training sentences of the built corpus")
+    p.add_argument("--model-args", default="", type=str.split,
+                   help="architecture options appended to the tiny Transformer's, e.g. \"--encoder-embed-dim 256 "
+                        "--decoder-embed-dim 256 --encoder-layers 3 --decoder-layers 3\" (use a new --work)")
     p.add_argument("--teacher-epochs", type=int, default=20)
     p.add_argument("--student-epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=1)
