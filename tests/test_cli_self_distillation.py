@@ -11,13 +11,12 @@ with a margin of 0.25 bits.
 """
 import json
 import os
-import re
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
-from cli_runner import BIN, preprocess, train
+from cli_runner import BIN, last_valid, preprocess, train
 
 from fairseq_pdd import estimate_gt_weight
 from fairseq_pdd.criterions.self_distillation import GtMixedSelfDistillation, GtMixedSelfDistillationConfig
@@ -37,12 +36,6 @@ def python_module(module, args, cwd):
     proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"python -m {module} failed:\n{proc.stderr[-3000:]}"
     return proc.stdout
-
-
-def last_valid(log: str, key: str) -> float:
-    lines = [line for line in log.splitlines() if "valid on 'valid' subset" in line]
-    assert lines, f"no validation line in the log:\n{log[-2000:]}"
-    return float(re.search(rf"\| {key} ([-\d.]+)", lines[-1]).group(1))
 
 
 class Chain:
