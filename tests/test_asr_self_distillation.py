@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import pytest
 from cli_runner import asr_generate, asr_train, asr_wer, dry_run_recipe, last_valid, run
 
+from fairseq_pdd import asr_toy_data as toy
+
 STUDENT_EPOCHS = "3"
 GT_WEIGHT = 0.5
 LN2 = math.log(2)
@@ -118,3 +120,61 @@ def test_wer_decoded_and_chain_report(step):
         assert row["tokens"] > 0 and all(math.isfinite(row[k]) for k in ("nll", "entropy", "accuracy", "ece"))
     assert step.rows[0]["quality"] < 75 and step.rows[1]["quality"] < 95  # untrained: about 270 %
     assert step.table.splitlines()[0].split()[:3] == ["step", "a", "WER"]
+
+
+def test_speech_recipe_dry_run(tmp_path):
+    """TASK=asr: the toy speech corpus with noisy transcripts, speech_to_text for step 0 and
+    asr_distillation for the students, a chosen on the dev subset, decoding with WER, the table with WER."""
+    lines = dry_run_recipe("self_distillation", tmp_path, TASK="asr", STEPS="2").splitlines()
+    assert "-m fairseq_pdd.asr_toy_data work/raw " in lines[1] and "--label-noise 0.3" in lines[1]
+    assert "-m fairseq_pdd.librispeech --root work/raw --subsets train\\,dev\\,test" in lines[2]
+    trains = [line for line in lines if line.startswith("fairseq-train work/data ")]
+    assert len(trains) == 5  # step 0, and per step the a = 0 student and the student
+    assert all("--arch pdd_vggtransformer_tiny" in t and "--train-subset train --valid-subset dev" in t for t in trains)
+    assert "--task speech_to_text --criterion cross_entropy" in trains[0]
+    assert all("--task asr_distillation" in t and "--criterion gt_mixed_self_distillation" in t for t in trains[1:])
+    assert "--ensemble-paths work/step1/checkpoint_last.pt" in trains[-1]
+    estimates = [line for line in lines if "fairseq_pdd.estimate_gt_weight" in line]
+    assert len(estimates) == 2 and all("--subset dev" in e for e in estimates)
+    decodes = [line for line in lines if line.startswith("fairseq-pdd-generate")]
+    assert len(decodes) == 3 and all("--gen-subset test" in d and "--task speech_to_text --scoring wer" in d
+                                     for d in decodes)
+    assert "fairseq_pdd.chain_report" in lines[-1] and "--task asr" in lines[-1]
+
+
+def test_speech_recipe_dry_run_on_prepared_librispeech(tmp_path):
+    """With DATA (prepared by recipes/librispeech/prepare.sh) no toy corpus is written; subsets as given."""
+    text = dry_run_recipe("self_distillation", tmp_path, TASK="asr", STEPS="1", GT_WEIGHT="0.6", DATA="ls/data",
+                          TRAIN_SUBSET="train-clean-100", VALID_SUBSET="dev-clean", EVAL_SUBSET="test-clean")
+    lines = text.splitlines()
+    assert not any("asr_toy_data" in line or "fairseq_pdd.librispeech" in line for line in lines)
+    trains = [line for line in lines if line.startswith("fairseq-train ls/data ")]
+    assert len(trains) == 2 and "--gt-weight 0.6" in trains[1]
+    assert all("--train-subset train-clean-100 --valid-subset dev-clean" in t for t in trains)
+    assert "--gen-subset test-clean" in text and "--gt-weights 1\\,0.6 --task asr" in lines[-1]
+
+
+def test_toy_speech_label_noise_changes_only_training_transcripts(tmp_path, capsys):
+    """--label-noise replaces words of the train transcripts (the audio and the other subsets unchanged)."""
+    sizes = {"train": 60, "dev": 4}
+    clean = toy.write_corpus(str(tmp_path / "clean"), sizes, seed=3)
+    noisy = toy.write_corpus(str(tmp_path / "noisy"), sizes, seed=3, label_noise=0.5)
+    changed = total = 0
+    for subset in sizes:
+        for folder, _, files in os.walk(os.path.join(clean, subset)):
+            other = folder.replace(clean, noisy, 1)
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as f, open(os.path.join(other, name), "rb") as g:
+                    a, b = f.read(), g.read()
+                if name.endswith(".flac") or subset == "dev":
+                    assert a == b, (subset, name)
+                else:
+                    pairs = [(x.split()[1:], y.split()[1:]) for x, y in zip(a.decode().splitlines(), b.decode().splitlines())]
+                    assert all(len(x) == len(y) and set(y) <= {w.upper() for w in toy.WORDS} for x, y in pairs)
+                    changed += sum(u != v for x, y in pairs for u, v in zip(x, y))
+                    total += sum(len(x) for x, _ in pairs)
+    # a replaced word stays the same with probability 1/10: about 45 % of the words change
+    assert 0.3 < changed / total < 0.6, (changed, total)
+    with pytest.raises(SystemExit):
+        toy.main([str(tmp_path / "bad"), "--label-noise", "1.5"])
+    assert "--label-noise: label_noise must lie in [0, 1], got 1.5" in capsys.readouterr().err
