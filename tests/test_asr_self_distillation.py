@@ -27,8 +27,8 @@ GT_WEIGHT = 0.5
 LN2 = math.log(2)
 #: the logged self-distillation metrics (nats per token; nll_loss in bits)
 METRICS = ("nll_loss", "distill_ce", "distill_kl", "student_entropy", "teacher_entropy", "gt_weight")
-#: validation in the same batches as the estimator's (--max-tokens 300): fairseq's default multiple of 8
-#: makes its batch_by_size drop the last utterances of the dev subset when batches hold fewer than 8
+#: validation in the same batches as the estimator's (--max-tokens 300): with fairseq's default multiple
+#: of 8, its batch_by_size drops a subset's last batch when its size is not a multiple of 8 (issue #5036)
 SAME_BATCHES = ["--required-batch-size-multiple", "1"]
 
 

@@ -64,8 +64,8 @@ case "$TASK" in
     VALID_SUBSET=${VALID_SUBSET:-dev} EPOCHS=${EPOCHS:-15}
     TRAIN=${TRAIN:-240} VALID=${VALID:-40} TEST=${TEST:-40} VOCAB=${VOCAB:-28}
     DECODE=(--task speech_to_text --scoring wer)
-    # --required-batch-size-multiple 1: with fairseq's default of 8, batches of fewer than 8
-    # utterances make fairseq drop the last ones of a subset
+    # --required-batch-size-multiple 1: with fairseq's default of 8, fairseq's batch_by_size drops a
+    # subset's last batch when its size is not a multiple of 8 (fairseq issue #5036)
     MODEL_ARGS=${MODEL_ARGS:---arch pdd_vggtransformer_tiny --transformer-enc-config ((64,4,128,True,0,0,0),)
       --transformer-dec-config ((64,4,128,True,0,0,0),)}
     TRAIN_ARGS=${TRAIN_ARGS:---optimizer adam --lr 3e-3 --lr-scheduler inverse_sqrt --warmup-updates 50
