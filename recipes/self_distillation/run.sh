@@ -148,6 +148,7 @@ for s in $(seq 0 "$STEPS"); do
   JSONLS+=("$out")
   if [ "$DRY_RUN" != 1 ] && [ -s "$out" ]; then continue; fi
   stage "decode step $s on $EVAL_SUBSET (beam $BEAM, forced references)"
+  # shellcheck disable=SC2086  # GEN_ARGS is an option list
   run "$LOG/generate-step$s.log" fairseq-pdd-generate "$DATA" --user-dir "$USER_DIR" --path "$(checkpoint "step$s")" \
     --gen-subset "$EVAL_SUBSET" --beam "$BEAM" $GEN_ARGS "${DECODE[@]}" --uncertainty-reference \
     --uncertainty-output "$out" --quiet
