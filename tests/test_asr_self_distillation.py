@@ -18,9 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 from cli_runner import asr_generate, asr_train, asr_wer, dry_run_recipe, last_valid, run
 
 from fairseq_pdd import asr_toy_data as toy
+from fairseq_pdd import estimate_gt_weight
+from fairseq_pdd.checkpoints import load_raw_checkpoint
 
 STUDENT_EPOCHS = "3"
 GT_WEIGHT = 0.5
@@ -179,3 +182,16 @@ def test_toy_speech_label_noise_changes_only_training_transcripts(tmp_path, caps
     with pytest.raises(SystemExit):
         toy.main([str(tmp_path / "bad"), "--label-noise", "1.5"])
     assert "--label-noise: label_noise must lie in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_estimator_ignores_the_students_teacher_cache(step, tmp_path):
+    """A student trained from a teacher cache keeps --teacher-cache in its task options; the estimator
+    scores the students only, so it reads no cache (here: one that does not exist) and gives the same a."""
+    state = load_raw_checkpoint(step.checkpoint("step1-a0"))
+    state["cfg"]["task"].teacher_cache = str(tmp_path / "missing_cache")
+    cached = str(tmp_path / "a0_from_cache.pt")
+    torch.save(state, cached)
+    args = estimate_gt_weight.build_parser().parse_args(
+        [step.data, "--path-a0", cached, "--path-a1", step.previous, "--subset", "dev", "--max-tokens", "300"])
+    result = estimate_gt_weight.estimate(args)
+    assert result["gt_weight"] == pytest.approx(step.estimate["gt_weight"], abs=1e-6)
