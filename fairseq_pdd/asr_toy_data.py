@@ -12,14 +12,19 @@ tiny VGG-Transformer learns to transcribe it (roughly) in a few CPU epochs.
 ``write_subset`` writes ``ROOT/SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac`` (16-bit FLAC) and
 ``SPEAKER-CHAPTER.trans.txt`` (upper-case transcripts, like LibriSpeech). Subsets get disjoint
 speaker ids. ``OOD_WORDS`` are other words, chords of notes in a band the in-domain words never use
-(4-5.2 kHz): the toy analogue of another corpus or language.
+(4-5.2 kHz): the toy analogue of another corpus or language. ``label_noise`` gives the ``train``
+subset *noisy transcripts* (:func:`fairseq_pdd.toy_data.add_label_noise`: each word replaced, with that
+probability, by a word of the vocabulary drawn from a separate random stream), the audio unchanged.
 """
 import argparse
 import itertools
 import os
+import random
 from typing import List, Optional, Sequence
 
 import numpy as np
+
+from fairseq_pdd.toy_data import add_label_noise
 
 #: fairseq-train options of the tiny VGG-Transformer that learns the toy corpus on a CPU (task speech_to_text
 #: or asr_distillation, data prepared by ``fairseq_pdd.librispeech`` with subsets train/dev/test). Small
@@ -78,11 +83,16 @@ def synthesize(words: Sequence[int], rng: np.random.Generator, sample_rate: int 
 
 def write_subset(root: str, subset: str, num_utterances: int, seed: int, first_speaker: int = 100,
                  num_speakers: int = 4, vocabulary: Sequence[str] = WORDS, band: Sequence[float] = IN_DOMAIN_BAND,
-                 sample_rate: int = SAMPLE_RATE, min_words: int = 2, max_words: int = 4) -> List[str]:
-    """Write ``num_utterances`` utterances of ``ROOT/SUBSET`` (one chapter per speaker); returns their ids."""
+                 sample_rate: int = SAMPLE_RATE, min_words: int = 2, max_words: int = 4,
+                 label_noise: float = 0.0) -> List[str]:
+    """Write ``num_utterances`` utterances of ``ROOT/SUBSET`` (one chapter per speaker); returns their ids.
+    ``label_noise``: the probability that a transcript word is replaced at random (the audio is the same)."""
     import soundfile
 
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise must lie in [0, 1], got {label_noise}")
     rng = np.random.default_rng(seed)
+    noise_rng = random.Random(f"label-noise-{seed}")
     transcripts = {}
     ids = []
     for k in range(num_utterances):
@@ -94,7 +104,8 @@ def write_subset(root: str, subset: str, num_utterances: int, seed: int, first_s
         words = rng.integers(0, len(vocabulary), rng.integers(min_words, max_words + 1))
         audio = synthesize(words, rng, sample_rate, band)
         soundfile.write(os.path.join(folder, uid + ".flac"), audio, sample_rate, subtype="PCM_16")
-        transcripts.setdefault(folder, []).append(f"{uid} {' '.join(vocabulary[w] for w in words).upper()}")
+        text = add_label_noise([vocabulary[w] for w in words], vocabulary, label_noise, noise_rng)
+        transcripts.setdefault(folder, []).append(f"{uid} {' '.join(text).upper()}")
         ids.append(uid)
     for folder, lines in transcripts.items():
         speaker, chapter = folder.split(os.sep)[-2:]
@@ -103,12 +114,13 @@ def write_subset(root: str, subset: str, num_utterances: int, seed: int, first_s
     return ids
 
 
-def write_corpus(root: str, sizes: Optional[dict] = None, ood: int = 0, seed: int = 1) -> str:
+def write_corpus(root: str, sizes: Optional[dict] = None, ood: int = 0, seed: int = 1, label_noise: float = 0.0) -> str:
     """In-domain subsets ``{name: utterances}`` (default train 240, dev 40, test 40) and, if ``ood`` > 0,
-    an ``ood`` subset of that many utterances of :data:`OOD_WORDS`."""
+    an ``ood`` subset of that many utterances of :data:`OOD_WORDS`; ``label_noise`` on ``train`` only."""
     sizes = sizes or {"train": 240, "dev": 40, "test": 40}
     for k, (subset, n) in enumerate(sizes.items()):
-        write_subset(root, subset, n, seed + k, first_speaker=100 * (k + 1))
+        write_subset(root, subset, n, seed + k, first_speaker=100 * (k + 1),
+                     label_noise=label_noise if subset == "train" else 0.0)
     if ood:
         write_subset(root, "ood", ood, seed + len(sizes), first_speaker=100 * (len(sizes) + 1),
                      vocabulary=OOD_WORDS, band=OOD_BAND)
@@ -123,8 +135,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--test", type=int, default=40)
     p.add_argument("--ood", type=int, default=40, help="utterances of the out-of-domain subset 'ood' (0: none)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--label-noise", type=float, default=0.0,
+                   help="probability that a word of a training transcript is replaced by a random word")
     args = p.parse_args(argv)
-    write_corpus(args.root, {"train": args.train, "dev": args.dev, "test": args.test}, args.ood, args.seed)
+    try:
+        write_corpus(args.root, {"train": args.train, "dev": args.dev, "test": args.test}, args.ood, args.seed,
+                     args.label_noise)
+    except ValueError as e:
+        p.error(f"--label-noise: {e}")
     print(args.root)
 
 

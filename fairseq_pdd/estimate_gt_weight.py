@@ -41,13 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_task(path: str, data: str):
-    """The task saved in ``path``'s checkpoint, reading ``data``."""
+    """The task saved in ``path``'s checkpoint, reading ``data`` and no teacher cache (only the two
+    students are scored). Its options are a config (translation, ``distillation``) or, for a legacy
+    argparse task (``speech_to_text``, ``asr_distillation``), a ``Namespace``."""
     cfg = load_checkpoint(path).get("cfg")
     if cfg is None:
         raise TeacherError(f"{path} has no 'cfg' (a checkpoint from a very old fairseq?)")
     task_cfg = OmegaConf.create(cfg)["task"] if isinstance(cfg, dict) else cfg.task
-    with open_dict(task_cfg):
-        task_cfg.data = data
+    overrides = {"data": data, **({"teacher_cache": ""} if "teacher_cache" in task_cfg else {})}
+    if isinstance(task_cfg, argparse.Namespace):
+        task_cfg = argparse.Namespace(**{**vars(task_cfg), **overrides})
+    else:
+        with open_dict(task_cfg):
+            task_cfg.update(overrides)
     return tasks.setup_task(task_cfg)
 
 

@@ -59,6 +59,15 @@ def valid_losses(log: str) -> List[float]:
     return [float(x) for x in re.findall(r"valid on 'valid' subset \| loss ([-\d.]+)", log)]
 
 
+def last_valid(log: str, key: str, subset: str = "valid") -> float:
+    """``key`` on the last ``valid on 'SUBSET' subset`` line of a fairseq-train log."""
+    lines = [line for line in log.splitlines() if f"valid on '{subset}' subset" in line]
+    assert lines, f"no validation line in the log:\n{log[-2000:]}"
+    match = re.search(rf"\| {key} ([-\d.]+)", lines[-1])
+    assert match, f"no {key} on the last validation line: {lines[-1]}"
+    return float(match.group(1))
+
+
 def generate_bleu(data: str, path: str, cwd: str, extra: Sequence[str] = ()) -> float:
     """fairseq-generate with beam 5 and sacrebleu over every test sentence; returns the BLEU score."""
     proc = run(

@@ -11,13 +11,12 @@ with a margin of 0.25 bits.
 """
 import json
 import os
-import re
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
-from cli_runner import BIN, preprocess, train
+from cli_runner import dry_run_recipe, last_valid, preprocess, train
 
 from fairseq_pdd import estimate_gt_weight
 from fairseq_pdd.criterions.self_distillation import GtMixedSelfDistillation, GtMixedSelfDistillationConfig
@@ -37,12 +36,6 @@ def python_module(module, args, cwd):
     proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"python -m {module} failed:\n{proc.stderr[-3000:]}"
     return proc.stdout
-
-
-def last_valid(log: str, key: str) -> float:
-    lines = [line for line in log.splitlines() if "valid on 'valid' subset" in line]
-    assert lines, f"no validation line in the log:\n{log[-2000:]}"
-    return float(re.search(rf"\| {key} ([-\d.]+)", lines[-1]).group(1))
 
 
 class Chain:
@@ -120,15 +113,12 @@ def test_criterion_refuses_bad_options():
 
 
 def test_recipe_dry_run(tmp_path):
-    env = dict(os.environ, DRY_RUN="1", STEPS="2", WORK=str(tmp_path / "w"), PATH=BIN + os.pathsep + os.environ["PATH"])
-    proc = subprocess.run(["bash", os.path.join(REPO, "recipes", "self_distillation", "run.sh")],
-                          env=env, capture_output=True, text=True, cwd=str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    lines = dry_run_recipe("self_distillation", tmp_path, STEPS="2").splitlines()
     trains = [line for line in lines if line.startswith("fairseq-train")]
     assert len(trains) == 5  # step 0, and per step the a = 0 student and the student
-    assert "--label-noise 0.3" in lines[0]
+    assert "fairseq_pdd.toy_data" in lines[1] and "--label-noise 0.3" in lines[1]
+    assert "--task translation --criterion cross_entropy" in trains[0]
+    assert all("--task distillation" in t and "--train-subset train --valid-subset valid" in t for t in trains[1:])
     assert sum("fairseq_pdd.estimate_gt_weight" in line for line in lines) == 2
-    assert f"--ensemble-paths {tmp_path}/w/step1/checkpoint_last.pt" in trains[-1]
-    assert "fairseq_pdd.chain_report" in lines[-1] and "--gt-weights 1\\,\\$A\\,\\$A" in lines[-1]
-    assert not (tmp_path / "w").exists()  # nothing ran
+    assert "--ensemble-paths work/step1/checkpoint_last.pt" in trains[-1]
+    assert "fairseq_pdd.chain_report" in lines[-1] and "--gt-weights 1\\,\\$A\\,\\$A --task mt" in lines[-1]

@@ -2,8 +2,8 @@
 
 Trains the student against ``a * onehot(y) + (1 - a) * q`` (see :mod:`fairseq_pdd.self_distillation`
 for the loss, its gradient and the options), where ``q`` is the frozen previous-generation model:
-run it with ``--task distillation --ensemble-paths PREVIOUS.pt`` (or any task with the teacher mixin,
-such as the speech one), which loads the teacher weights-only, checks its dictionaries, and attaches
+run it with ``--task distillation --ensemble-paths PREVIOUS.pt`` (speech: ``--task asr_distillation``;
+any task with the teacher mixin), which loads the teacher weights-only, checks its dictionaries, and attaches
 its log-probabilities at the target positions as ``sample["teacher_log_probs"]``. Several checkpoints
 act as one teacher, their mean distribution.
 
@@ -72,7 +72,7 @@ class GtMixedSelfDistillation(FairseqCriterion):
         if teacher_log_probs is None:
             raise RuntimeError(
                 "criterion 'gt_mixed_self_distillation' needs the previous generation's outputs in each "
-                "sample: train with --task distillation (or another task with the teacher mixin) and "
+                "sample: train with --task distillation (speech: --task asr_distillation) and "
                 "--ensemble-paths PREVIOUS_CHECKPOINT"
             )
         net_output = model(**sample["net_input"])
