@@ -22,7 +22,10 @@ the hypotheses teacher-forced (:mod:`fairseq_pdd.rescoring`) without running the
 
 Between steps the beam is re-ordered: :meth:`StepUncertainty.reorder` gets fairseq's ``new_order`` (new
 row r continues old row ``new_order[r]``). The previous step's distributions are kept as they are and
-only the chosen entries are read through that index, so nothing (rows, K) is copied.
+only the chosen entries are read through that index, so nothing (rows, K) is copied. Memory: those
+previous distributions live one step longer (for an ensemble M x rows x K, as large as the stack of
+member log-probabilities fairseq builds at every step itself); a step's temporaries are a few (rows, K)
+tensors whatever M is, as members are streamed (:class:`~fairseq_pdd.ensemble_stats.EnsembleAccumulator`).
 """
 from typing import List, Optional, Sequence, Tuple
 
