@@ -8,7 +8,7 @@ of the rounds' own ``fairseq-train`` logs (members frozen, exactly the accepted 
 """
 import os
 import re
-import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -58,13 +58,20 @@ def validate(toy_mt, path, overrides="{}"):
 
 @pytest.fixture(scope="session")
 def rounds(toy_mt):
-    r1, m1 = train_member(toy_mt, "r1", seed=1)
-    r2, m2 = train_member(toy_mt, "r2", seed=2, members=[r1])
-    r3, m3 = train_member(toy_mt, "r3", seed=3, members=[r1, r2], extra=["--bdistil-connection", "last-hidden"])
-    i2, _ = train_member(toy_mt, "i2", seed=2)
+    """The rounds, two subprocesses at a time: r1 with i2, then r2 with the averaging baseline's
+    validation, then r3 with the decoding of r1."""
     average = os.path.join(toy_mt.root, "bdistil", "average.pt")
-    assert bdistil_cli(["assemble", average, r1, i2, "--combine", "mean"]) == 0
-    return {"paths": [r1, r2, r3], "metrics": [m1, m2, m3], "average": average, "independent": i2}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        independent = pool.submit(train_member, toy_mt, "i2", seed=2)
+        r1, m1 = train_member(toy_mt, "r1", seed=1)
+        i2, _ = independent.result()
+        assert bdistil_cli(["assemble", average, r1, i2, "--combine", "mean"]) == 0
+        average_metrics = pool.submit(validate, toy_mt, average)
+        r2, m2 = train_member(toy_mt, "r2", seed=2, members=[r1])
+        first = pool.submit(_generate, toy_mt, r1, 0)
+        r3, m3 = train_member(toy_mt, "r3", seed=3, members=[r1, r2], extra=["--bdistil-connection", "last-hidden"])
+        return {"paths": [r1, r2, r3], "metrics": [m1, m2, m3], "average": average, "independent": i2,
+                "average_metrics": average_metrics.result(), "first_round_hypotheses": first.result()[0]}
 
 
 def test_kl_to_teacher_falls_with_k_and_boosting_beats_independent_averaging(toy_mt, rounds):
@@ -77,7 +84,7 @@ def test_kl_to_teacher_falls_with_k_and_boosting_beats_independent_averaging(toy
     assert kl[1] < kl[0] - 0.1, kl  # the second member removes a clear part of what the first misses
     assert kl[2] <= kl[1] + 1e-3, kl  # and the third does not undo it
     assert acceptance(m2, gamma=0.05).accepted
-    average = validate(toy_mt, rounds["average"])
+    average = rounds["average_metrics"]
     assert average["kl_prefix"] == pytest.approx(m1["kl_teacher"], abs=0.02)  # the same first member
     assert m2["kl_teacher"] < average["kl_teacher"] - 0.1, (m2, average)
 
@@ -97,11 +104,12 @@ def _generate(toy_mt, path, k):
 
 def test_anytime_decoding_with_every_prefix_through_the_cli(toy_mt, rounds):
     r3 = rounds["paths"][2]
-    outputs = [_generate(toy_mt, r3, k) for k in (1, 2, 3)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outputs = list(pool.map(lambda k: _generate(toy_mt, r3, k), (1, 2, 3)))
     for hypotheses, _ in outputs:
         assert len(hypotheses) == 100
     # prefix k of the last round decodes exactly as round k's own checkpoint
-    assert _generate(toy_mt, rounds["paths"][0], 0)[0] == outputs[0][0]
+    assert rounds["first_round_hypotheses"] == outputs[0][0]
     assert outputs[0][0] != outputs[1][0] != outputs[2][0]
     assert all(bleu > 0 for _, bleu in outputs)
 
@@ -182,16 +190,19 @@ def test_bad_members_are_refused_with_a_clear_error(toy_mt, rounds, tmp_path):
 
 def test_cli_refuses_a_missing_member_and_a_too_long_prefix(toy_mt, rounds, tmp_path):
     r2 = rounds["paths"][1]
-    for overrides, message in (
-        ("{'bdistil_members': '%s'}" % (tmp_path / "moved.pt"), "checkpoint not found"),
-        ("{'bdistil_prefix': 3}", "this ensemble has 2 members"),
-    ):
-        proc = run(
+
+    def refused(overrides):
+        return run(
             "fairseq-generate",
             [toy_mt.data, "--user-dir", user_dir(), "--path", r2, "--cpu", "--model-overrides", overrides],
             toy_mt.root, expect_failure=True,
-        )
-        assert message in proc.stderr, proc.stderr[-2000:]
+        ).stderr
+
+    cases = {"{'bdistil_members': '%s'}" % (tmp_path / "moved.pt"): "checkpoint not found",
+             "{'bdistil_prefix': 3}": "this ensemble has 2 members"}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for stderr, message in zip(pool.map(refused, cases), cases.values()):
+            assert message in stderr, stderr[-2000:]
 
 
 def test_accept_and_params_commands(toy_mt, rounds, capsys, tmp_path):
