@@ -13,7 +13,9 @@ with three hooks installed for the duration of the run:
   a ``U-{id}`` line per hypothesis in fairseq's output and one JSONL record per hypothesis in
   ``--uncertainty-output`` (default ``{results_path or .}/uncertainty-{gen_subset}.jsonl``),
   written to a temporary file and renamed when decoding finishes;
-* the output stream fairseq writes to is shared, so the U- lines sit with the batch's other lines.
+* the output stream fairseq writes to is shared, so the U- lines sit with the batch's other lines;
+* a ``bdistil_*`` model decoded with early stopping gets a last line with the mean number of
+  members per decoded hypothesis token.
 """
 import contextlib
 import json
@@ -29,6 +31,7 @@ import fairseq_cli.generate as fairseq_generate
 import fairseq_pdd
 from fairseq_pdd import rescoring, uncertainty
 from fairseq_pdd.dirichlet import concentrations
+from fairseq_pdd.models.bdistil import early_stop_summary
 
 # fairseq's --user-dir import finds this package already imported (by this module), so register here.
 fairseq_pdd.register()
@@ -98,6 +101,7 @@ class UncertaintyRun:
         self.predictive: Optional[DirichletPredictive] = None
         self.records: Optional[object] = None
         self.decode = None
+        self.models = []
 
     # hooks ------------------------------------------------------------------------------------
     def main(self, original):
@@ -114,6 +118,10 @@ class UncertaintyRun:
                 os.remove(path + ".tmp")  # no half-written output survives a failed run
                 raise
             os.replace(path + ".tmp", path)
+            for model in self.models:
+                summary = early_stop_summary(model)
+                if summary:
+                    print(summary, file=output_file)
             return scorer
 
         return hooked_main
@@ -121,6 +129,7 @@ class UncertaintyRun:
     def load_model_ensemble(self, original):
         def hooked_load(filenames, *args, **kwargs):
             models, saved_cfg = original(filenames, *args, **kwargs)
+            self.models = models
             if len(models) == 1:
                 self.predictive = dirichlet_predictive(saved_cfg, self.args.predictive)
                 if self.predictive is not None:

@@ -323,6 +323,16 @@ class BDistilModel(FairseqEncoderDecoderModel):
         return (self.encoder.max_positions(), self.decoder.max_positions())
 
 
+def early_stop_summary(model) -> str:
+    """A line on the members a model decoded with early stopping used ("" for any other model)."""
+    decoder = getattr(model, "decoder", None)
+    counts = getattr(decoder, "early_stop_counts", None)
+    if counts is None or decoder.early_stop is None or not counts["tokens"]:
+        return ""
+    return (f"bdistil early stop (confidence > {decoder.early_stop}): {counts['members'] / counts['tokens']:.4f} "
+            f"members per hypothesis token on average, of {decoder.prefix}")
+
+
 def register_bdistil_arch(member_arch: str) -> type:
     """Register ``--arch bdistil_{member_arch}``: a progressive ensemble of ``member_arch`` members.
 
