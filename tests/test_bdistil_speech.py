@@ -102,10 +102,11 @@ def test_speech_members_have_no_connection(speech_rounds, toy_asr):
 
 
 def test_recipe_speech_mode_dry_run(tmp_path):
-    """``TASK=speech`` prepares the toy speech corpus and trains, distils and scores (WER) speech models."""
+    """``TASK=speech`` prepares the toy speech corpus, trains, distils and scores (WER) speech models, and
+    decodes the boosted ensemble with early stopping too."""
     commands = dry_run_recipe("bdistil", str(tmp_path), TASK="speech")
     for expected in ("-m fairseq_pdd.asr_toy_data", "-m fairseq_pdd.librispeech", "--arch pdd_vggtransformer_tiny",
                      "--arch bdistil_pdd_vggtransformer_tiny", "--task asr_distillation", "--scoring wer",
-                     "--task speech_to_text --gen-subset test"):
+                     "--task speech_to_text --gen-subset test", "fairseq-pdd-generate", "bdistil_early_stop_confidence"):
         assert expected in commands, expected
     assert "--arch bdistil_transformer" not in commands and "sacrebleu" not in commands

@@ -26,7 +26,8 @@ EPOCHS=${EPOCHS:-6}             # epochs per member
 LR=${LR:-1e-2}                  # members' learning rate
 GAMMA=${GAMMA:-0.05}            # minimum weighted edge
 ETA=${ETA:-0.1}                 # token-weight strength
-CONNECTION=${CONNECTION:-none}  # none | last-hidden (members 2..K)
+CONNECTION=${CONNECTION:-none}  # none | last-hidden (members 2..K; translation only)
+EARLY_STOP=${EARLY_STOP:-"0.5 0.9"}  # confidence thresholds for early-stopped decoding of all K boosted members
 SINGLE_DIM=${SINGLE_DIM:-32}    # width of the single-model baseline (32: about three width-16 members)
 M=${M:-2}                       # teachers
 TEACHER_EPOCHS=${TEACHER_EPOCHS:-20}
@@ -144,31 +145,43 @@ member "$SINGLE_DIM"
   "${MEMBER[@]}" "${OPTIM[@]}" "${KD[@]}" --seed "$SEED" --save-dir "$WORK/single"
 
 stage "evaluation on test: fairseq-validate (KL, agreement) and fairseq-generate ($SCORE, time) per k"
-# evaluate NAME K PATH: one row of the table (K = 0: all members; the teacher ensemble has no KL row)
+# evaluate NAME K PATH [TAU]: one row of the table (K = 0: all members; the teacher ensemble has no KL
+# row). With TAU: decoded by fairseq-pdd-generate with early stopping at confidence TAU; its KL and
+# agreement are not measured (fairseq-validate scores the plain prefix), its members column is the
+# mean number of members per decoded token.
 ROWS="$WORK/table.tsv"
 evaluate() {
-  local name=$1 k=$2 path=$3 overrides params kl agreement gen score seconds prefix=()
+  local name=$1 k=$2 path=$3 tau=${4:-} overrides params kl=- agreement=- gen score seconds members=$2 prefix=()
+  local tool=fairseq-generate log="$LOG/gen_${name}_$k.log" extra=()
   overrides="{'bdistil_prefix': $k}"
+  if [ -n "$tau" ]; then
+    tool=fairseq-pdd-generate; log="$LOG/gen_${name}_${k}_tau$tau.log"
+    overrides="{'bdistil_prefix': $k, 'bdistil_early_stop_confidence': $tau}"
+    extra=(--uncertainty-output "$WORK/uncertainty_${name}_${k}_tau$tau.jsonl")
+  fi
   [ "$name" = teacher ] || prefix=(--model-overrides "$overrides")
-  run "$LOG/gen_${name}_$k.log" fairseq-generate "$WORK/bin" --user-dir "$USER_DIR" ${DATA_TASK[@]+"${DATA_TASK[@]}"} \
+  run "$log" "$tool" "$WORK/bin" --user-dir "$USER_DIR" ${DATA_TASK[@]+"${DATA_TASK[@]}"} \
     ${TEST[@]+"${TEST[@]}"} --path "$path" --beam 5 --batch-size 64 --required-batch-size-multiple 1 \
-    --scoring "$SCORING" --cpu ${prefix[@]+"${prefix[@]}"}
+    --scoring "$SCORING" --cpu ${prefix[@]+"${prefix[@]}"} ${extra[@]+"${extra[@]}"}
   [ "$DRY_RUN" = 1 ] && return 0
-  gen="$LOG/gen_${name}_$k.log"
-  if [ "$TASK" = translation ]; then score=$(grep -o "BLEU = [0-9.]*" "$gen" | cut -d' ' -f3)
-  else score=$(sed -nE 's/.*WER: ([0-9.]+).*/\1/p' "$gen"); fi
-  seconds=$(sed -nE 's/.*Translated .* tokens\) in ([0-9.]+)s.*/\1/p' "$gen")
+  if [ "$TASK" = translation ]; then score=$(grep -o "BLEU = [0-9.]*" "$log" | cut -d' ' -f3)
+  else score=$(sed -nE 's/.*WER: ([0-9.]+).*/\1/p' "$log"); fi
+  seconds=$(sed -nE 's/.*Translated .* tokens\) in ([0-9.]+)s.*/\1/p' "$log")
   if [ "$name" = teacher ]; then
-    kl=0; agreement=1
+    kl=0; agreement=1; members=$M
     params=0; for t in "${TEACHERS[@]}"; do params=$((params + $($PY -m fairseq_pdd.bdistil_cli params "$t"))); done
   else
-    fairseq-validate "$WORK/bin" --user-dir "$USER_DIR" --task "$KD_TASK" "${VALID_TEST[@]}" --path "$path" \
-      --max-tokens 2000 --required-batch-size-multiple 1 --cpu --model-overrides "$overrides" > "$LOG/valid_${name}_$k.log" 2>&1
-    read -r kl agreement < <($PY -c 'import json,sys; m=json.load(sys.stdin); print(m["kl_teacher"], m["agreement"])' \
-      < <($PY -m fairseq_pdd.bdistil_cli metrics "$LOG/valid_${name}_$k.log"))
+    if [ -n "$tau" ]; then
+      members=$(sed -nE 's/^bdistil early stop .*: ([0-9.]+) members per hypothesis token.*/\1/p' "$log")
+    else
+      fairseq-validate "$WORK/bin" --user-dir "$USER_DIR" --task "$KD_TASK" "${VALID_TEST[@]}" --path "$path" \
+        --max-tokens 2000 --required-batch-size-multiple 1 --cpu --model-overrides "$overrides" > "$LOG/valid_${name}_$k.log" 2>&1
+      read -r kl agreement < <($PY -c 'import json,sys; m=json.load(sys.stdin); print(m["kl_teacher"], m["agreement"])' \
+        < <($PY -m fairseq_pdd.bdistil_cli metrics "$LOG/valid_${name}_$k.log"))
+    fi
     params=$($PY -m fairseq_pdd.bdistil_cli params "$path" --prefix "$k")
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$k" "$params" "$score" "$kl" "$agreement" "$seconds" >> "$ROWS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name${tau:+ tau=$tau}" "$k" "$params" "$score" "$kl" "$agreement" "$seconds" "$members" >> "$ROWS"
 }
 [ "$DRY_RUN" = 1 ] || : > "$ROWS"
 evaluate teacher 0 "$ENSEMBLE"
@@ -176,11 +189,15 @@ for k in $(seq 1 "$K"); do
   evaluate boosted "$k" "$BOOSTED"
   evaluate independent "$k" "$AVERAGE"
 done
+for tau in $EARLY_STOP; do
+  evaluate boosted "$K" "$BOOSTED" "$tau"
+done
 evaluate single 1 "$SINGLE"
 [ "$DRY_RUN" = 1 ] && exit 0
 
 echo
 awk -F'\t' -v score="$SCORE" 'NR == 1 { tp = $3; tt = $7 }
-  BEGIN { printf "%-12s %2s %8s %7s %7s %7s %9s %7s %7s\n", "system", "k", "params", score, "KL", "agree", "gen_s", "params/T", "time/T" }
-  { printf "%-12s %2s %8d %7.2f %7.4f %7.4f %9.2f %7.3f %7.3f\n", $1, $2, $3, $4, $5, $6, $7, $3 / tp, $7 / tt }' "$ROWS"
-echo "(teacher = the ensemble of $M teachers; KL = KL(teacher mean || model) per token; gen_s = fairseq-generate's own time)"
+  BEGIN { printf "%-18s %2s %8s %7s %7s %7s %9s %7s %7s %7s\n", "system", "k", "params", score, "KL", "agree", "gen_s", "params/T", "time/T", "members" }
+  { printf "%-18s %2s %8d %7.2f %7s %7s %9.2f %7.3f %7.3f %7.2f\n", $1, $2, $3, $4, $5, $6, $7, $3 / tp, $7 / tt, $8 }' "$ROWS"
+echo "(teacher = the ensemble of $M teachers; KL = KL(teacher mean || model) per token; gen_s = fairseq-generate's own time;"
+echo " members = members run per decoded token: k, or its mean with early stopping at confidence tau)"
