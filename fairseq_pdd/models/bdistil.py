@@ -20,12 +20,18 @@ features (those its output layer reads) to member k's final decoder features, po
 In beam search every member keeps its own incremental state in the shared dictionary (keys are
 per module), and :meth:`PrefixDecoder.reorder_incremental_state_scripting` reorders all of them,
 so the members and the connections always see the same hypotheses.
+
+``--bdistil-early-stop-confidence TAU`` (anytime decoding, also via ``--model-overrides``): each
+hypothesis stops adding members at the first j whose product has ``max_v p > TAU`` and uses members
+1..j for the rest of the sentence, as do the hypotheses extending it (a member dropped for a
+hypothesis has no cached state for its later tokens, so it cannot rejoin). Member j then decodes
+only the rows that still use it; :meth:`PrefixDecoder.early_stop_step` has the bookkeeping, and
+teacher-forced scoring applies the same rule (:meth:`PrefixDecoder.early_stop_scores`).
 """
 import logging
 from typing import Dict, List, Optional
 
 import torch
-
 from torch import nn
 from fairseq.models import (
     ARCH_CONFIG_REGISTRY,

@@ -66,11 +66,11 @@ case "$TASK" in
   *) echo "TASK must be translation or speech, not '$TASK'" >&2; exit 2 ;;
 esac
 
-stage() { echo "[$(date +%H:%M:%S)] $*"; }
-# run LOG CMD...: run CMD with its output in LOG (DRY_RUN=1: print it)
+stage() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+# run LOG CMD...: run CMD with its output in LOG (DRY_RUN=1: print it, on stderr like the stages)
 run() {
   local log=$1; shift
-  if [ "$DRY_RUN" = 1 ]; then printf '%q ' "$@"; echo "> $log"; else "$@" > "$log" 2>&1; fi
+  if [ "$DRY_RUN" = 1 ]; then { printf '%q ' "$@"; echo "> $log"; } >&2; else "$@" > "$log" 2>&1; fi
 }
 [ "$DRY_RUN" = 1 ] || mkdir -p "$WORK/logs"
 LOG="$WORK/logs"
