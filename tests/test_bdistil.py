@@ -163,7 +163,8 @@ def test_early_stop_between_the_first_member_and_the_full_prefix(toy_mt, rounds)
     dataset = task.dataset("test")
     sample = dataset.collater([dataset[i] for i in range(40)])
     _beam_search(full, task, sample)  # warm-up, so that the first timing is comparable
-    results = {"all members": _beam_search(full, task, sample), "prefix 1": _beam_search(_load(path, toy_mt.data, bdistil_prefix=1)[0], task, sample)}
+    first_member, _ = _load(path, toy_mt.data, bdistil_prefix=1)
+    results = {"all members": _beam_search(full, task, sample), "prefix 1": _beam_search(first_member, task, sample)}
     means = {}
     for threshold in (1.0, tau, 0.0):
         model, _ = _load(path, toy_mt.data, bdistil_early_stop_confidence=threshold)

@@ -105,7 +105,9 @@ class PrefixDecoder(FairseqIncrementalDecoder):
         if not self._uses_features(j):
             logits, extra = decoder(prev_output_tokens, encoder_out=encoder_out_j, incremental_state=incremental_state)
             return logits, extra, None
-        features, extra = decoder.extract_features(prev_output_tokens, encoder_out=encoder_out_j, incremental_state=incremental_state)
+        features, extra = decoder.extract_features(
+            prev_output_tokens, encoder_out=encoder_out_j, incremental_state=incremental_state
+        )
         if str(j) in self.connections:
             features = features + self.connections[str(j)](previous)
         return decoder.output_layer(features), extra, features
@@ -114,7 +116,8 @@ class PrefixDecoder(FairseqIncrementalDecoder):
         """Yields ``(logits (B, T, V), extra)`` of members 1..prefix, in order."""
         previous = None
         for j in range(self.prefix):
-            logits, extra, previous = self.run_member(j, prev_output_tokens, encoder_out["members"][j], incremental_state, previous)
+            enc = encoder_out["members"][j]
+            logits, extra, previous = self.run_member(j, prev_output_tokens, enc, incremental_state, previous)
             yield logits, extra
 
     def combiner(self) -> ProductOfExperts:
@@ -149,7 +152,10 @@ class PrefixDecoder(FairseqIncrementalDecoder):
         for j, (logits, extra) in enumerate(self.member_outputs(prev_output_tokens, encoder_out), start=1):
             combined.add(logits)
             log_probs = combined.log_probs()
-            out, first_extra = (log_probs, extra) if out is None else (torch.where(used.eq(j).unsqueeze(-1), log_probs, out), first_extra)
+            if out is None:
+                out, first_extra = log_probs, extra
+            else:
+                out = torch.where(used.eq(j).unsqueeze(-1), log_probs, out)
         return out, first_extra
 
     def early_stop_step(self, prev_output_tokens, encoder_out, incremental_state):
