@@ -30,33 +30,70 @@ from fairseq_pdd.fused import compute_dtype
 
 
 class ProductOfExperts:
-    """Adds members' logits (..., V) one at a time; ``log_probs()`` is the prefix's ``log p_k``.
+    """Adds members' logits (N, ..., V) one at a time; ``log_probs()`` is the prefix's ``log p_k``.
 
     With ``average=True`` the sum is divided by k: a geometric mean (logit average) of the members,
-    the usual way to combine *independently* trained members.
+    the usual way to combine *independently* trained members. A member may also be added for some
+    rows only (``rows``: indices into the first dimension, after a first member for every row), as
+    early stopping does; each row is then the product (or mean) of the members added for it.
     """
 
     def __init__(self, average: bool = False) -> None:
         self.average = average
         self._sum: Optional[torch.Tensor] = None
+        self._counts: Optional[torch.Tensor] = None  #: members per row, once a member skipped rows
         self.num_members = 0
 
-    def add(self, logits: torch.Tensor) -> None:
-        """Add member ``k``'s logits (differentiably)."""
+    def add(self, logits: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+        """Add member ``k``'s logits (differentiably); with ``rows``, ``logits`` are those rows' only."""
         log_probs = torch.log_softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
-        if self._sum is not None and self._sum.shape != log_probs.shape:
+        if self._sum is None and rows is not None:
+            raise ValueError("the first member of a product of experts must cover every row")
+        expected = None if self._sum is None else (self._sum.shape if rows is None else (len(rows), *self._sum.shape[1:]))
+        if expected is not None and tuple(log_probs.shape) != tuple(expected):
             raise ValueError(
                 f"member {self.num_members + 1} gives logits of shape {tuple(logits.shape)}, "
                 f"the earlier members {tuple(self._sum.shape)}: their target vocabularies differ"
             )
-        self._sum = log_probs if self._sum is None else self._sum + log_probs
+        if rows is None:
+            self._sum = log_probs if self._sum is None else self._sum + log_probs
+            if self._counts is not None:
+                self._counts = self._counts + 1
+        else:
+            if self._counts is None:
+                self._counts = torch.full(self._sum.shape[:1], self.num_members, device=log_probs.device)
+            self._sum = self._sum.index_add(0, rows, log_probs)
+            self._counts = self._counts.index_add(0, rows, torch.ones_like(rows))
         self.num_members += 1
 
     def log_probs(self) -> torch.Tensor:
-        """``log p_k`` (..., V), float32 (or the logits' dtype if wider)."""
+        """``log p_k`` (N, ..., V), float32 (or the logits' dtype if wider)."""
         if self._sum is None:
             raise ValueError("no member was added to the product of experts")
-        return torch.log_softmax(self._sum / self.num_members if self.average else self._sum, dim=-1)
+        if not self.average:
+            return torch.log_softmax(self._sum, dim=-1)
+        if self._counts is None:
+            return torch.log_softmax(self._sum / self.num_members, dim=-1)
+        counts = self._counts.view(-1, *([1] * (self._sum.dim() - 1))).to(self._sum.dtype)
+        return torch.log_softmax(self._sum / counts, dim=-1)
+
+
+def confident(log_probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``max_v p_v > threshold`` (...,) from ``log p`` (..., V): early stopping's test.
+
+    Strict, so ``threshold = 1`` never stops and ``threshold = 0`` always does.
+    """
+    return log_probs.max(-1).values.exp() > threshold
+
+
+def members_used(first_confident: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Members used per position (N, T) under the early-stopping rule.
+
+    ``first_confident`` (N, T) is the smallest j such that the first j members are confident at
+    position t (``prefix`` if none is). A member dropped for a hypothesis stays dropped:
+    ``used_t = min(prefix, min_{s<=t} first_confident_s)``.
+    """
+    return torch.cummin(first_confident.clamp(max=prefix), dim=-1).values
 
 
 def kl_to_teacher(teacher_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ with three hooks installed for the duration of the run:
   (``--uncertainty-reference``), and the hypotheses themselves with ``--uncertainty-rescore`` or a
   generator other than fairseq's plain beam search, are re-scored teacher-forced in batched passes
   (:mod:`fairseq_pdd.rescoring`);
-* the output stream fairseq writes to is shared, so the U- lines sit with the batch's other lines.
+* the output stream fairseq writes to is shared, so the U- lines sit with the batch's other lines;
+* a ``bdistil_*`` model decoded with early stopping gets a last line with the mean number of
+  members per decoded hypothesis token.
 """
 import contextlib
 import json
@@ -35,6 +37,7 @@ import fairseq_pdd
 from fairseq_pdd import beam_uncertainty, rescoring, uncertainty
 from fairseq_pdd.step_uncertainty import DirichletStepUncertainty, EnsembleStepUncertainty, pad_columns
 from fairseq_pdd.dirichlet import concentrations
+from fairseq_pdd.models.bdistil import early_stop_summary
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +114,7 @@ class UncertaintyRun:
         self.decode = None
         self.step_measures = None  #: the StepUncertainty when the measures come from beam search
         self.model_paths = []
+        self.models = []
 
     # hooks ------------------------------------------------------------------------------------
     def main(self, original):
@@ -127,6 +131,10 @@ class UncertaintyRun:
                 os.remove(path + ".tmp")  # no half-written output survives a failed run
                 raise
             os.replace(path + ".tmp", path)
+            for model in self.models:
+                summary = early_stop_summary(model)
+                if summary:
+                    print(summary, file=output_file)
             return scorer
 
         return hooked_main
@@ -135,6 +143,7 @@ class UncertaintyRun:
         def hooked_load(filenames, *args, **kwargs):
             models, saved_cfg = original(filenames, *args, **kwargs)
             self.model_paths = list(filenames)
+            self.models = models
             if len(models) == 1:
                 self.predictive = dirichlet_predictive(saved_cfg, self.args.predictive)
                 if self.predictive is not None:

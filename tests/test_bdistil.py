@@ -1,14 +1,16 @@
-"""B-DISTIL-style progressive ensembles through fairseq's CLI: training rounds, anytime decoding, bad input.
+"""B-DISTIL-style progressive ensembles through fairseq's CLI: training rounds, anytime decoding with
+and without early stopping, bad input.
 
 One session-scoped run on the toy corpus (the ``toy_mt`` fixture's two teachers as the ensemble
-teacher): members 1, 2 boosted, member 3 boosted with a last-hidden connection, and an independently
-trained member 2' for the averaging baseline. The per-prefix KL values come from the validation lines
-of the rounds' own ``fairseq-train`` logs (members frozen, exactly the accepted model) and from
-``fairseq-validate``.
+teacher), two subprocesses at a time: members 1, 2 boosted, member 3 boosted with a last-hidden
+connection, and an independently trained member 2' for the averaging baseline. The per-prefix KL
+values come from the validation lines of the rounds' own ``fairseq-train`` logs (members frozen,
+exactly the accepted model) and from ``fairseq-validate``. Speech members: ``test_bdistil_speech.py``.
 """
 import os
 import re
-import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from fairseq_pdd.checkpoints import CheckpointError
 from fairseq_pdd.cli import user_dir
 from fairseq_pdd.models.bdistil_members import MemberError
 
-EPOCHS = "6"
+EPOCHS = "4"
 
 
 def member_options(dim: int):
@@ -41,6 +43,7 @@ def train_member(toy_mt, name, seed, members=(), extra=()):
         toy_mt.data, save, toy_mt.root,
         [*member_options(16), "--lr", "1e-2", "--task", "distillation", "--ensemble-paths", ":".join(toy_mt.teachers),
          "--criterion", "bdistil_residual_kd", "--max-epoch", EPOCHS, "--seed", str(seed),
+         "--required-batch-size-multiple", "1",  # validation then scores every sentence in every round
          *(["--bdistil-members", ":".join(members)] if members else []), *extra],
     )
     return os.path.join(save, "checkpoint_last.pt"), last_valid_metrics(proc.stdout + proc.stderr)
@@ -58,27 +61,49 @@ def validate(toy_mt, path, overrides="{}"):
 
 @pytest.fixture(scope="session")
 def rounds(toy_mt):
-    r1, m1 = train_member(toy_mt, "r1", seed=1)
-    r2, m2 = train_member(toy_mt, "r2", seed=2, members=[r1])
-    r3, m3 = train_member(toy_mt, "r3", seed=3, members=[r1, r2], extra=["--bdistil-connection", "last-hidden"])
-    i2, _ = train_member(toy_mt, "i2", seed=2)
+    """The rounds, two subprocesses at a time: r1 with i2, then r2 with the averaging baseline's
+    validation, then r3 with the decoding of r1."""
     average = os.path.join(toy_mt.root, "bdistil", "average.pt")
-    assert bdistil_cli(["assemble", average, r1, i2, "--combine", "mean"]) == 0
-    return {"paths": [r1, r2, r3], "metrics": [m1, m2, m3], "average": average, "independent": i2}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        independent = pool.submit(train_member, toy_mt, "i2", seed=2)
+        r1, m1 = train_member(toy_mt, "r1", seed=1)
+        i2, _ = independent.result()
+        assert bdistil_cli(["assemble", average, r1, i2, "--combine", "mean"]) == 0
+        average_metrics = pool.submit(validate, toy_mt, average)
+        r2, m2 = train_member(toy_mt, "r2", seed=2, members=[r1])
+        first = pool.submit(_generate, toy_mt, r1, 0)
+        r3, m3 = train_member(toy_mt, "r3", seed=3, members=[r1, r2], extra=["--bdistil-connection", "last-hidden"])
+        return {"paths": [r1, r2, r3], "metrics": [m1, m2, m3], "average": average, "independent": i2,
+                "average_metrics": average_metrics.result(), "first_round_hypotheses": first.result()[0],
+                "tau": _median_first_member_confidence(toy_mt, r3)}
+
+
+def _median_first_member_confidence(toy_mt, path) -> float:
+    """An early-stopping threshold between "never" and "always": the median over the validation
+    references' positions of member 1's max-probability (teacher-forced), to two decimals."""
+    model, task = _load(path, toy_mt.data)
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    sample = dataset.collater([dataset[i] for i in range(len(dataset))])
+    net = sample["net_input"]
+    with torch.no_grad():
+        encoder_out = model.encoder(net["src_tokens"], net["src_lengths"])
+        logits, _ = next(model.decoder.member_outputs(net["prev_output_tokens"], encoder_out))
+    confidence = torch.softmax(logits, -1).max(-1).values[sample["target"].ne(task.target_dictionary.pad())]
+    return round(float(confidence.median()), 2)
 
 
 def test_kl_to_teacher_falls_with_k_and_boosting_beats_independent_averaging(toy_mt, rounds):
     m1, m2, m3 = rounds["metrics"]
-    # each round's prefix is the previous round's model: the logs agree on it (up to the last batch
-    # of fewer than 8 sentences that fairseq-train's validation may leave out)
-    assert m2["kl_prefix"] == pytest.approx(m1["kl_teacher"], abs=0.02)
-    assert m3["kl_prefix"] == pytest.approx(m2["kl_teacher"], abs=0.02)
+    # each round's prefix is the previous round's model: the logs agree on it
+    assert m2["kl_prefix"] == pytest.approx(m1["kl_teacher"], abs=1e-3)
+    assert m3["kl_prefix"] == pytest.approx(m2["kl_teacher"], abs=1e-3)
     kl = [m1["kl_teacher"], m2["kl_teacher"], m3["kl_teacher"]]
     assert kl[1] < kl[0] - 0.1, kl  # the second member removes a clear part of what the first misses
     assert kl[2] <= kl[1] + 1e-3, kl  # and the third does not undo it
     assert acceptance(m2, gamma=0.05).accepted
-    average = validate(toy_mt, rounds["average"])
-    assert average["kl_prefix"] == pytest.approx(m1["kl_teacher"], abs=0.02)  # the same first member
+    average = rounds["average_metrics"]
+    assert average["kl_prefix"] == pytest.approx(m1["kl_teacher"], abs=1e-3)  # the same first member
     assert m2["kl_teacher"] < average["kl_teacher"] - 0.1, (m2, average)
 
 
@@ -97,13 +122,60 @@ def _generate(toy_mt, path, k):
 
 def test_anytime_decoding_with_every_prefix_through_the_cli(toy_mt, rounds):
     r3 = rounds["paths"][2]
-    outputs = [_generate(toy_mt, r3, k) for k in (1, 2, 3)]
+    tau = rounds["tau"]
+    early_stop = ["--model-overrides", f"{{'bdistil_early_stop_confidence': {tau}}}"]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        stopped = pool.submit(run, "fairseq-pdd-generate", [toy_mt.data, "--user-dir", user_dir(), "--path", r3, "--beam", "4",
+                                                          "--batch-size", "64", "--cpu", *early_stop], toy_mt.root)
+        outputs = list(pool.map(lambda k: _generate(toy_mt, r3, k), (1, 2, 3)))
+        stopped = stopped.result().stdout
     for hypotheses, _ in outputs:
         assert len(hypotheses) == 100
     # prefix k of the last round decodes exactly as round k's own checkpoint
-    assert _generate(toy_mt, rounds["paths"][0], 0)[0] == outputs[0][0]
+    assert rounds["first_round_hypotheses"] == outputs[0][0]
     assert outputs[0][0] != outputs[1][0] != outputs[2][0]
     assert all(bleu > 0 for _, bleu in outputs)
+    # early stopping: every sentence decoded, with between 1 and 3 members per token on average
+    assert len(re.findall(r"^H-\d+\t", stopped, re.M)) == 100
+    mean = float(re.search(rf"^bdistil early stop \(confidence > {tau}\): ([\d.]+) members per hypothesis token on "
+                           r"average, of 3$", stopped, re.M).group(1))
+    assert 1 < mean < 3, mean
+
+
+def _beam_search(model, task, sample):
+    """fairseq's beam search (beam 4) over ``sample``: ((tokens, score) per hypothesis per sentence, seconds)."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=4)
+    start = time.perf_counter()
+    with torch.no_grad():
+        hypos = generator.generate([model], sample)
+    seconds = time.perf_counter() - start
+    return [[(h["tokens"].tolist(), h["score"].item()) for h in sentence] for sentence in hypos], seconds
+
+
+def test_early_stop_between_the_first_member_and_the_full_prefix(toy_mt, rounds):
+    """tau = 1 never stops (= all members), tau = 0 always stops after member 1 (= prefix 1), exactly;
+    the median tau uses some members in between (latencies printed; beam 4, 40 sentences)."""
+    path, tau = rounds["paths"][2], rounds["tau"]
+    full, task = _load(path, toy_mt.data)
+    task.load_dataset("test")
+    dataset = task.dataset("test")
+    sample = dataset.collater([dataset[i] for i in range(40)])
+    _beam_search(full, task, sample)  # warm-up, so that the first timing is comparable
+    first_member, _ = _load(path, toy_mt.data, bdistil_prefix=1)
+    results = {"all members": _beam_search(full, task, sample), "prefix 1": _beam_search(first_member, task, sample)}
+    means = {}
+    for threshold in (1.0, tau, 0.0):
+        model, _ = _load(path, toy_mt.data, bdistil_early_stop_confidence=threshold)
+        results[threshold] = _beam_search(model, task, sample)
+        counts = model.decoder.early_stop_counts
+        means[threshold] = counts["members"] / counts["tokens"]
+    print({name: f"{seconds:.2f} s" for name, (_, seconds) in results.items()}, "members per token:", means)
+    assert results[1.0][0] == results["all members"][0] and means[1.0] == 3
+    assert results[0.0][0] == results["prefix 1"][0] and means[0.0] == 1
+    assert 1 < means[tau] < 3, means
+    assert results[tau][0] != results["all members"][0]
 
 
 def _load(path, data, **overrides):
@@ -113,9 +185,11 @@ def _load(path, data, **overrides):
     return models[0].eval(), task
 
 
-def test_incremental_beam_reordered_decoding_equals_full_forward_scoring(toy_mt, rounds):
-    """Every member's cached state (and the connection) follows the beam's reordering."""
-    model, task = _load(rounds["paths"][2], toy_mt.data)
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_incremental_beam_reordered_decoding_equals_full_forward_scoring(toy_mt, rounds, early_stop):
+    """Every member's cached state (and the connection) follows the beam's reordering; with early
+    stopping, the rows each member keeps follow it too (teacher-forced scoring applies the same rule)."""
+    model, task = _load(rounds["paths"][2], toy_mt.data, bdistil_early_stop_confidence=rounds["tau"] if early_stop else None)
     task.load_dataset("valid")
     dataset = task.dataset("valid")
     sample = dataset.collater([dataset[i] for i in range(6)])
@@ -126,7 +200,7 @@ def test_incremental_beam_reordered_decoding_equals_full_forward_scoring(toy_mt,
     with torch.no_grad():
         full = model(net["src_tokens"][rows], net["src_lengths"][rows], histories)[0]  # (B * beam, T, V)
         encoder_out = model.encoder(net["src_tokens"][rows], net["src_lengths"][rows])
-        state, order = {}, torch.arange(len(rows))
+        state, order, members_used = {}, torch.arange(len(rows)), []
         g = torch.Generator().manual_seed(0)
         for t in range(full.shape[1]):
             if t:  # a beam step: each hypothesis continues one of its own sentence's beams
@@ -136,10 +210,14 @@ def test_incremental_beam_reordered_decoding_equals_full_forward_scoring(toy_mt,
                 order = order[new_order]
             prev = histories[order, : t + 1]
             step = model.decoder(prev, encoder_out, incremental_state=state)[0]
+            if early_stop:
+                members_used.append(set(model.decoder.get_incremental_state(state, "early_stop")["used"].tolist()))
             real = prev[:, -1].ne(pad)  # padding positions are never decoded
             assert real.any()
             torch.testing.assert_close(step[real, -1], full[order, t][real], atol=1e-5, rtol=1e-5)
     assert "0" not in model.decoder.connections and "2" in model.decoder.connections
+    if early_stop:  # at some steps the hypotheses used different numbers of members
+        assert any(len(used) > 1 for used in members_used), members_used
 
 
 def _build(toy_mt, data, members, extra=()):
@@ -167,6 +245,8 @@ def test_bad_members_are_refused_with_a_clear_error(toy_mt, rounds, tmp_path):
         _build(toy_mt, toy_mt.data, [r1, r3])
     with pytest.raises(MemberError, match=r"member 2 .* was trained on top of a different member 1"):
         _build(toy_mt, toy_mt.data, [rounds["independent"], r2])
+    with pytest.raises(MemberError, match=r"--bdistil-early-stop-confidence 1.5: a probability threshold in \[0, 1\]"):
+        _build(toy_mt, toy_mt.data, [r1], ["--bdistil-early-stop-confidence", "1.5"])
     with pytest.raises(MemberError, match="needs an earlier member"):
         _build(toy_mt, toy_mt.data, [], ["--bdistil-connection", "last-hidden"])
     # a data directory whose dictionaries differ from the members'
@@ -182,16 +262,19 @@ def test_bad_members_are_refused_with_a_clear_error(toy_mt, rounds, tmp_path):
 
 def test_cli_refuses_a_missing_member_and_a_too_long_prefix(toy_mt, rounds, tmp_path):
     r2 = rounds["paths"][1]
-    for overrides, message in (
-        ("{'bdistil_members': '%s'}" % (tmp_path / "moved.pt"), "checkpoint not found"),
-        ("{'bdistil_prefix': 3}", "this ensemble has 2 members"),
-    ):
-        proc = run(
+
+    def refused(overrides):
+        return run(
             "fairseq-generate",
             [toy_mt.data, "--user-dir", user_dir(), "--path", r2, "--cpu", "--model-overrides", overrides],
             toy_mt.root, expect_failure=True,
-        )
-        assert message in proc.stderr, proc.stderr[-2000:]
+        ).stderr
+
+    cases = {"{'bdistil_members': '%s'}" % (tmp_path / "moved.pt"): "checkpoint not found",
+             "{'bdistil_prefix': 3}": "this ensemble has 2 members"}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for stderr, message in zip(pool.map(refused, cases), cases.values()):
+            assert message in stderr, stderr[-2000:]
 
 
 def test_accept_and_params_commands(toy_mt, rounds, capsys, tmp_path):

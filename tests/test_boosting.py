@@ -101,3 +101,30 @@ def test_edge_and_acceptance_rule():
     assert not boosting.accept(0.05, 1.0, 1.1, gamma=0.1).accepted  # edge too small
     assert not boosting.accept(0.2, 1.2, 1.1, gamma=0.1).accepted  # unweighted KL rose
     assert boosting.accept(0.2, 1.15, 1.1, gamma=0.1, tolerance=0.1).accepted
+
+
+@pytest.mark.parametrize("average", [False, True])
+def test_members_added_for_some_rows_combine_row_by_row(average):
+    """Early stopping adds later members for some rows only: each row is the product (or geometric
+    mean) of exactly the members added for it, as if combined row by row."""
+    members, _ = _rand(seed=4)
+    subsets = [None, torch.tensor([0, 2, 3, 5]), torch.tensor([2, 5])]
+    poe = boosting.ProductOfExperts(average=average)
+    for z, rows in zip(members, subsets):
+        poe.add(z if rows is None else z[rows], rows)
+    for row in range(6):
+        mine = [z[row] for z, rows in zip(members, subsets) if rows is None or row in rows.tolist()]
+        total = sum(torch.log_softmax(z, -1) for z in mine)
+        expected = torch.log_softmax(total / len(mine) if average else total, -1)
+        torch.testing.assert_close(poe.log_probs()[row], expected)
+    with pytest.raises(ValueError, match="must cover every row"):
+        boosting.ProductOfExperts().add(members[0][:2], torch.tensor([0, 1]))
+
+
+def test_early_stopping_rule():
+    """Strict confidence test (tau = 1 never stops, tau = 0 always does) and the monotone member count."""
+    log_probs = torch.log(torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.9, 0.1]]))
+    assert boosting.confident(log_probs, 0.5).tolist() == [False, True, True]
+    assert not boosting.confident(log_probs, 1.0).any() and boosting.confident(log_probs, 0.0).all()
+    first = torch.tensor([[3, 2, 3, 1, 3], [4, 4, 4, 4, 4]])  # 4: no prefix of the 3 members is confident
+    assert boosting.members_used(first, 3).tolist() == [[3, 2, 2, 1, 1], [3, 3, 3, 3, 3]]

@@ -90,6 +90,11 @@ def load_member(path: str, task, position: int) -> LoadedMember:
         earlier, weights, connection, model_cfg = [], state["model"], {}, cfg.model
     check_checkpoint_dictionaries(path, cfg, weights, task, who=f"member {position}")
     model = build_model(model_cfg, task)
+    if arch in BDISTIL_ARCHS:
+        # an ensemble stores its members' encoders and decoders only; buffers of the member model
+        # itself (the VGG-Transformer's input_feat_per_channel) follow from the member's configuration
+        own_buffers = {k: v for k, v in model.state_dict().items() if not k.startswith(("encoder.", "decoder."))}
+        weights = {**own_buffers, **weights}
     try:
         model.load_state_dict(weights, strict=True, model_cfg=model_cfg)
     except RuntimeError as e:
