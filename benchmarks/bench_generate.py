@@ -12,9 +12,10 @@ One run:
 
    * for the ensemble (both teachers, ``--path a:b``) and the student (one Dirichlet checkpoint),
    * with ``--nbest 1`` and ``--nbest 5`` (beam 5),
-   * ``plain``: ``fairseq-generate``; ``pdd``: ``fairseq-pdd-generate`` (measures computed inside the beam
-     search); ``pdd+ref``: the same with ``--uncertainty-reference`` (forced-decoded references too);
-     ``pdd-rescore``: ``--uncertainty-rescore`` (the n-best lists re-scored teacher-forced after decoding);
+   * ``plain``: ``fairseq-generate``; ``pdd``: ``fairseq-pdd-generate`` (default ``--uncertainty-from
+     auto``); ``pdd+ref``: the same with ``--uncertainty-reference`` (forced-decoded references too);
+     ``pdd-beam`` / ``pdd-rescore``: ``--uncertainty-from beam`` (measures computed inside the beam search)
+     / ``rescore`` (the n-best lists re-scored teacher-forced after decoding);
 
    each on subset ``test`` and, once per (tool, model) and round, on the 1-sentence subset ``test1``:
    the *start-up* cost (Python and fairseq imports, hydra config, checkpoint loading, data loading),
@@ -56,7 +57,8 @@ VARIANTS = {  # name -> (tool, extra options)
     "plain": ("fairseq-generate", []),
     "pdd": ("fairseq-pdd-generate", []),
     "pdd+ref": ("fairseq-pdd-generate", ["--uncertainty-reference"]),
-    "pdd-rescore": ("fairseq-pdd-generate", ["--uncertainty-rescore"]),
+    "pdd-beam": ("fairseq-pdd-generate", ["--uncertainty-from", "beam"]),
+    "pdd-rescore": ("fairseq-pdd-generate", ["--uncertainty-from", "rescore"]),
 }
 TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s \(([\d.]+) sentences/s")
 BLEU = re.compile(r"BLEU = ([\d.]+)")

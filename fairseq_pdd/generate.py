@@ -7,16 +7,17 @@ with three hooks installed for the duration of the run:
   Dirichlet criterion is a *Dirichlet student* (its predictive, also for beam search, is the mean
   ``alpha / a0`` with the checkpoint's parametrization and offset, not ``softmax(z)``); anything
   else is an *ensemble* of softmax members (M = 1 included);
-* when the task builds its generator, fairseq's ensemble wrapper is replaced by one that computes the
-  measures inside beam search from the distributions the search already has, step by step for every
-  beam row (:mod:`fairseq_pdd.beam_uncertainty`), so the models run once;
+* for an ensemble (``--uncertainty-from auto`` or ``beam``), when the task builds its generator,
+  fairseq's ensemble wrapper is replaced by one that computes the measures inside beam search from the
+  distributions the search already has, step by step for every beam row
+  (:mod:`fairseq_pdd.beam_uncertainty`), so the members run once;
 * after each batch is decoded, the measures of :mod:`fairseq_pdd.uncertainty` are attached to its
   n-best lists: a ``U-{id}`` line per hypothesis in fairseq's output and one JSONL record per
   hypothesis in ``--uncertainty-output`` (default ``{results_path or .}/uncertainty-{gen_subset}.jsonl``),
   written to a temporary file and renamed when decoding finishes. The references
-  (``--uncertainty-reference``), and the hypotheses themselves with ``--uncertainty-rescore`` or a
-  generator other than fairseq's plain beam search, are re-scored teacher-forced in batched passes
-  (:mod:`fairseq_pdd.rescoring`);
+  (``--uncertainty-reference``), and the hypotheses themselves for a Dirichlet student (``auto``),
+  with ``--uncertainty-from rescore`` or with a generator other than fairseq's plain beam search, are
+  re-scored teacher-forced in batched passes (:mod:`fairseq_pdd.rescoring`);
 * the output stream fairseq writes to is shared, so the U- lines sit with the batch's other lines;
 * a ``bdistil_*`` model decoded with early stopping gets a last line with the mean number of
   members per decoded hypothesis token.
@@ -62,9 +63,12 @@ def add_uncertainty_args(parser) -> None:
     group.add_argument("--uncertainty-reference", action="store_true",
                        help="also forced-decode each reference (records with rank -1, token confidence "
                             "and correctness for calibration)")
-    group.add_argument("--uncertainty-rescore", action="store_true",
-                       help="re-score the n-best lists teacher-forced after decoding instead of computing the "
-                            "measures during beam search (same values; the measures then ignore --temperature)")
+    group.add_argument("--uncertainty-from", choices=["auto", "beam", "rescore"], default="auto",
+                       help="beam: compute the measures during beam search for every beam row; rescore: re-score "
+                            "the n-best lists teacher-forced after decoding (same values, but the measures "
+                            "ignore --temperature); auto: beam for an ensemble (its members need not run again), "
+                            "rescore for a Dirichlet student (one extra pass, and its digamma-heavy measures on "
+                            "the n-best rows only)"),
     group.add_argument("--uncertainty-max-tokens", type=int, default=None, metavar="N",
                        help="re-score hypotheses in length-sorted groups of at most N padded target tokens "
                             f"(default: {BUCKET_ELEMENTS} / vocabulary size, bounding the logits to that many elements)")
@@ -169,7 +173,8 @@ class UncertaintyRun:
 
             def build_measuring_generator(models, *args, **kw):
                 generator = build_generator(models, *args, **kw)
-                if not self.args.uncertainty_rescore:
+                if self.args.uncertainty_from == "beam" or (
+                        self.args.uncertainty_from == "auto" and self.predictive is None):
                     self.track_in_beam(generator, len(models), task.target_dictionary.eos())
                 return generator
 

@@ -282,13 +282,15 @@ def test_student_decodes_with_the_dirichlet_mean(toy_mt, decodes):
 
 @pytest.mark.parametrize("system", ["ensemble", "student"])
 def test_beam_measures_equal_rescoring_in_length_groups(toy_mt, decodes, system):
-    """The measures computed inside beam search (the default) equal those of re-scoring the n-best lists
-    teacher-forced (``--uncertainty-rescore``) in length groups of at most 8 padded tokens (mostly one
-    row each, ordered by length, not by row): same records, same order, same numbers to float32 rounding."""
+    """The measures computed inside beam search (the default for the ensemble) equal those of re-scoring
+    the n-best lists teacher-forced (the default for the student), here in length groups of at most 8
+    padded tokens (mostly one row each, ordered by length, not by row): same records, same order, same
+    numbers to float32 rounding."""
     target = os.path.join(decodes.work, "rescored", system, "test.jsonl")
     path = decodes.ensemble if system == "ensemble" else decodes.student
     _generate("fairseq-pdd-generate", toy_mt.data, "test", path, decodes.work,
-              ["--uncertainty-reference", "--uncertainty-rescore", "--uncertainty-max-tokens", "8", "--quiet",
+              ["--uncertainty-reference", "--uncertainty-from", "rescore" if system == "ensemble" else "beam",
+               "--uncertainty-max-tokens", "8", "--quiet",
                "--uncertainty-output", target])
     default, rescored = read_jsonl(decodes.jsonl(system, "test")), read_jsonl(target)
     assert [(r["id"], r["rank"], r["hypothesis"]) for r in rescored] == \
