@@ -106,7 +106,7 @@ class Background:
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.futures = {}
         for item in session.items:  # in the order the tests run
-            module = item.module
+            module = getattr(item, "module", None)
             for name, job in getattr(module, "BACKGROUND", {}).items():
                 if name in item.fixturenames and job not in self.futures:
                     root = tmp_path_factory.mktemp(f"{module.__name__.rpartition('.')[2]}_{name}")

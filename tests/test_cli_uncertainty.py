@@ -70,6 +70,8 @@ class Decodes:
                      "student": os.path.join(work, "decode", "student")}
         self.stdout = {}  #: (system, set) -> stdout of fairseq-pdd-generate
         self.plain_student_stdout = None  #: plain fairseq-generate on the student, in-domain
+        #: the ensemble's in-domain records, re-scored in length groups of at most 8 padded tokens
+        self.grouped = os.path.join(work, "grouped", "test.jsonl")
 
     def jsonl(self, system, set_name):
         return os.path.join(self.dirs[system], f"{SETS[set_name]}.jsonl")
@@ -103,8 +105,12 @@ def decodes(toy_mt, students):
         jobs.update({(system, s): pool.submit(decode, system, path, s)
                      for system, path in systems for s in ("perm", "unseen")})
         plain = pool.submit(_generate, "fairseq-generate", toy_mt.data, "test", out.student, work)
+        grouped = pool.submit(_generate, "fairseq-pdd-generate", toy_mt.data, "test", ensemble, work,
+                              ["--uncertainty-reference", "--uncertainty-max-tokens", "8", "--quiet",
+                               "--uncertainty-output", out.grouped])
         out.stdout = {key: job.result() for key, job in jobs.items()}
         out.plain_student_stdout = plain.result()
+        grouped.result()
     return out
 
 
@@ -271,13 +277,10 @@ def test_student_decodes_with_the_dirichlet_mean(toy_mt, decodes):
     assert min(diffs) > 1e-3, min(diffs)  # every shared hypothesis is scored differently
 
 
-def test_length_groups_do_not_change_the_records(toy_mt, decodes):
+def test_length_groups_do_not_change_the_records(decodes):
     """Re-scoring in length groups of at most 8 padded tokens (mostly one row each, ordered by length, not
     by row) writes the same records, in the same order, as the default grouping."""
-    target = os.path.join(decodes.work, "grouped", "test.jsonl")
-    _generate("fairseq-pdd-generate", toy_mt.data, "test", decodes.ensemble, decodes.work,
-              ["--uncertainty-reference", "--uncertainty-max-tokens", "8", "--quiet", "--uncertainty-output", target])
-    default, grouped = read_jsonl(decodes.jsonl("ensemble", "test")), read_jsonl(target)
+    default, grouped = read_jsonl(decodes.jsonl("ensemble", "test")), read_jsonl(decodes.grouped)
     assert [(r["id"], r["rank"], r["hypothesis"]) for r in grouped] == \
         [(r["id"], r["rank"], r["hypothesis"]) for r in default]
     assert max(r["length"] for r in default) > 8  # rows longer than the budget are groups of their own
