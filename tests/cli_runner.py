@@ -55,6 +55,9 @@ def train(data: str, save_dir: str, cwd: str, extra: Sequence[str], expect_failu
     )
 
 
+STUDENT_EPOCHS = 12  #: of the students of conftest.students
+
+
 def distil(toy_mt, criterion: str, name: str, epochs: int, extra: Sequence[str] = ()):
     """A student trained with ``criterion`` on the ``toy_mt`` teachers (seed 3) into ``toy_mt.root/name``;
     returns (checkpoint, log)."""

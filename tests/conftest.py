@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from cli_runner import (  # noqa: E402
-    ASR_EPOCHS, ASR_N_OOD, ASR_SIZES, asr_train, distil, generate_bleu, preprocess, run, train,
+    ASR_EPOCHS, ASR_N_OOD, ASR_SIZES, STUDENT_EPOCHS, asr_train, distil, generate_bleu, preprocess, run, train,
 )
 
 from fairseq_pdd import asr_toy_data  # noqa: E402
@@ -52,9 +52,6 @@ class Students:
     """(checkpoint, fairseq-train log) of each student, trained for 12 epochs from scratch on ``toy_mt``."""
     kd: tuple  #: forward_kl_mean_distillation (KD to the ensemble mean)
     pd: tuple  #: rkl_dirichlet_proxy_distillation (PD-EnD2)
-
-
-STUDENT_EPOCHS = 12
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cli_runner import distil, generate_bleu, valid_losses
-from conftest import STUDENT_EPOCHS
+from cli_runner import STUDENT_EPOCHS, distil, generate_bleu, valid_losses
 
 
 FINETUNED = ["dirichlet_proxy_distillation", "sequence_distribution_distillation"]
