@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Sequence
 
 import torch
@@ -52,6 +53,19 @@ def train(data: str, save_dir: str, cwd: str, extra: Sequence[str], expect_failu
         cwd,
         expect_failure,
     )
+
+
+STUDENT_EPOCHS = 12  #: of the students of conftest.students
+
+
+def distil(toy_mt, criterion: str, name: str, epochs: int, extra: Sequence[str] = ()):
+    """A student trained with ``criterion`` on the ``toy_mt`` teachers (seed 3) into ``toy_mt.root/name``;
+    returns (checkpoint, log)."""
+    save = os.path.join(toy_mt.root, name)
+    proc = train(toy_mt.data, save, toy_mt.root,
+                 ["--task", "distillation", "--ensemble-paths", ":".join(toy_mt.teachers),
+                  "--criterion", criterion, "--max-epoch", str(epochs), "--seed", "3", *extra])
+    return os.path.join(save, "checkpoint_last.pt"), proc.stdout + proc.stderr
 
 
 def valid_losses(log: str) -> List[float]:
@@ -163,8 +177,10 @@ def assert_two_processes_train_like_one(data, work, args):
     """``args`` trained by 2 gloo processes == by 1 process with --update-freq 2 (metrics and weights)."""
     common = [data, "--dropout", "0", "--max-epoch", "2", "--seed", "3", "--log-format", "json",
               "--required-batch-size-multiple", "1", "--max-tokens", "1000", *args]
-    one = lib_train(work, 1, [*common, "--update-freq", "2", "--save-dir", os.path.join(work, "one")])
-    two = lib_train(work, 2, [*common, "--save-dir", os.path.join(work, "two")])
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the 1-process run beside the 2-process one
+        one = pool.submit(lib_train, work, 1, [*common, "--update-freq", "2", "--save-dir", os.path.join(work, "one")])
+        two = lib_train(work, 2, [*common, "--save-dir", os.path.join(work, "two")])
+        one = one.result()
     assert "distributed init (rank 1)" in two and "distributed init" not in one
     for kind in ("train", "valid"):
         single, multi = epoch_records(one, kind), epoch_records(two, kind)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny synthetic translation and speech corpora, prepared, each with two trained teachers."""
+"""Shared fixtures: tiny synthetic translation and speech corpora, prepared, each with two trained teachers;
+two students distilled from the translation teachers; long jobs run in the background (see ``background``)."""
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from cli_runner import (  # noqa: E402
-    ASR_EPOCHS, ASR_N_OOD, ASR_SIZES, asr_train, generate_bleu, preprocess, run, train,
+    ASR_EPOCHS, ASR_N_OOD, ASR_SIZES, STUDENT_EPOCHS, asr_train, distil, generate_bleu, preprocess, run, train,
 )
 
 from fairseq_pdd import asr_toy_data  # noqa: E402
@@ -29,15 +30,37 @@ def toy_mt(tmp_path_factory) -> ToyTranslation:
     root = str(tmp_path_factory.mktemp("toy_mt"))
     raw, _ = write_corpus(os.path.join(root, "raw"), {"train": 2000, "valid": 100, "test": 100}, seed=1)
     data = preprocess(raw, os.path.join(root, "bin"), root)
-    teachers = []
-    for seed in (1, 2):
-        save = os.path.join(root, f"teacher{seed}")
-        train(data, save, root, ["--criterion", "cross_entropy", "--max-epoch", "20", "--seed", str(seed)])
-        teachers.append(os.path.join(save, "checkpoint_last.pt"))
+    teachers = [os.path.join(root, f"teacher{seed}", "checkpoint_last.pt") for seed in (1, 2)]
     untrained = os.path.join(root, "untrained")
-    train(data, untrained, root, ["--criterion", "cross_entropy", "--max-update", "1", "--lr", "1e-12"])
-    untrained_bleu = generate_bleu(data, os.path.join(untrained, "checkpoint_last.pt"), root)
-    return ToyTranslation(root, data, teachers, untrained_bleu)
+
+    def untrained_bleu() -> float:
+        train(data, untrained, root, ["--criterion", "cross_entropy", "--max-update", "1", "--lr", "1e-12"])
+        return generate_bleu(data, os.path.join(untrained, "checkpoint_last.pt"), root)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two subprocesses at a time
+        jobs = [pool.submit(train, data, os.path.dirname(t), root,
+                            ["--criterion", "cross_entropy", "--max-epoch", "20", "--seed", str(s)])
+                for s, t in zip((1, 2), teachers)]
+        bleu = pool.submit(untrained_bleu)
+        for job in jobs:
+            job.result()
+        return ToyTranslation(root, data, teachers, bleu.result())
+
+
+@dataclass
+class Students:
+    """(checkpoint, fairseq-train log) of each student, trained for 12 epochs from scratch on ``toy_mt``."""
+    kd: tuple  #: forward_kl_mean_distillation (KD to the ensemble mean)
+    pd: tuple  #: rkl_dirichlet_proxy_distillation (PD-EnD2)
+
+
+@pytest.fixture(scope="session")
+def students(toy_mt) -> Students:
+    """The KD and PD-EnD2 students of the toy teachers, trained side by side (seed 3)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = [pool.submit(distil, toy_mt, criterion, name, STUDENT_EPOCHS) for criterion, name in (
+            ("forward_kl_mean_distillation", "student_kd"), ("rkl_dirichlet_proxy_distillation", "student_pd"))]
+        return Students(*(job.result() for job in jobs))
 
 
 @dataclass
@@ -65,3 +88,33 @@ def toy_asr(tmp_path_factory) -> ToySpeech:
         for job in jobs:
             job.result()
     return ToySpeech(root, raw, data, prep.stderr, teachers)
+
+
+class Background:
+    """Long serial jobs (a recipe's run, a training chain: one single-threaded subprocess at a time) run
+    one after another on a thread of their own from the session's start, in the order the tests need
+    them, so that they overlap the tests before them on a second core.
+
+    A test module declares ``BACKGROUND = {fixture_name: job}``; ``job(root)`` (``root``: a fresh
+    temporary folder) is started when a selected test uses that fixture, which returns
+    ``background.result(job)``: the job's value, or its exception raised again."""
+
+    def __init__(self, session, tmp_path_factory):
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.futures = {}
+        for item in session.items:  # in the order the tests run
+            module = getattr(item, "module", None)
+            for name, job in getattr(module, "BACKGROUND", {}).items():
+                if name in item.fixturenames and job not in self.futures:
+                    root = tmp_path_factory.mktemp(f"{module.__name__.rpartition('.')[2]}_{name}")
+                    self.futures[job] = self.pool.submit(job, root)
+
+    def result(self, job):
+        return self.futures[job].result()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background(request, tmp_path_factory):
+    jobs = Background(request.session, tmp_path_factory)
+    yield jobs
+    jobs.pool.shutdown(cancel_futures=True)

@@ -1,64 +1,63 @@
 """End to end through the real fairseq CLI: teachers -> distilled students -> fairseq-generate + sacrebleu."""
-import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cli_runner import generate_bleu, train, valid_losses
+from cli_runner import STUDENT_EPOCHS, distil, generate_bleu, valid_losses
 
 
-def distil(toy_mt, criterion, name, epochs, extra=()):
-    """Train a student with ``criterion`` on the teachers; return (checkpoint, log)."""
-    save = os.path.join(toy_mt.root, name)
-    proc = train(
-        toy_mt.data,
-        save,
-        toy_mt.root,
-        ["--task", "distillation", "--ensemble-paths", ":".join(toy_mt.teachers),
-         "--criterion", criterion, "--max-epoch", str(epochs), "--seed", "3", *extra],
-    )
-    return os.path.join(save, "checkpoint_last.pt"), proc.stdout + proc.stderr
+FINETUNED = ["dirichlet_proxy_distillation", "sequence_distribution_distillation"]
+HALF = ["--fp16-ensemble", "--bf16-ensemble"]
 
 
-def assert_learned(toy_mt, checkpoint, log, epochs, dirichlet):
+@pytest.fixture(scope="module")
+def runs(toy_mt, students):
+    """Every training and decoding of this module, two subprocesses at a time: ``("finetuned", criterion)``
+    and ``("half", flag)`` -> (checkpoint, log); ``("bleu", system)`` -> BLEU of fairseq-generate."""
+    def finetuned(criterion):
+        """Forward KL to the proxy and EnD2's NLL, from the KD student (3 epochs); with its BLEU."""
+        checkpoint, log = distil(toy_mt, criterion, f"student_{criterion}", 3,
+                                 ["--finetune-from-model", students.kd[0], "--lr", "1e-3"])
+        return checkpoint, log, generate_bleu(toy_mt.data, checkpoint, toy_mt.root)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = {("finetuned", c): pool.submit(finetuned, c) for c in FINETUNED}
+        jobs.update({("half", flag): pool.submit(distil, toy_mt, "rkl_dirichlet_proxy_distillation", f"student{flag}",
+                                                 1, [flag, "--max-update", "2"]) for flag in HALF})
+        for system, path in (("kd", students.kd[0]), ("pd", students.pd[0]), ("ensemble", ":".join(toy_mt.teachers))):
+            jobs["bleu", system] = pool.submit(generate_bleu, toy_mt.data, path, toy_mt.root)
+        return {key: job.result() for key, job in jobs.items()}
+
+
+def assert_learned(toy_mt, log, bleu, epochs, dirichlet):
     losses = valid_losses(log)
     assert len(losses) == epochs and losses[-1] < losses[0], losses
     for key in ("nll_loss", "ensemble_mkl", "ensemble_epkl", "ensemble_mi", "ensemble_precision"):
         assert f"| {key} " in log, key
     assert ("| precision " in log) == dirichlet
-    bleu = generate_bleu(toy_mt.data, checkpoint, toy_mt.root)
     assert bleu > toy_mt.untrained_bleu + 5, (bleu, toy_mt.untrained_bleu)
 
 
-@pytest.fixture(scope="module")
-def kd_student(toy_mt):
-    return distil(toy_mt, "forward_kl_mean_distillation", "student_kd", 12)
+def test_kd_to_ensemble_mean(toy_mt, students, runs):
+    assert_learned(toy_mt, students.kd[1], runs["bleu", "kd"], epochs=STUDENT_EPOCHS, dirichlet=False)
 
 
-def test_kd_to_ensemble_mean(toy_mt, kd_student):
-    assert_learned(toy_mt, *kd_student, epochs=12, dirichlet=False)
+def test_pd_end2_from_scratch(toy_mt, students, runs):
+    assert_learned(toy_mt, students.pd[1], runs["bleu", "pd"], epochs=STUDENT_EPOCHS, dirichlet=True)
 
 
-def test_pd_end2_from_scratch(toy_mt):
-    checkpoint, log = distil(toy_mt, "rkl_dirichlet_proxy_distillation", "student_pd", 12)
-    assert_learned(toy_mt, checkpoint, log, epochs=12, dirichlet=True)
-
-
-@pytest.mark.parametrize("criterion", ["dirichlet_proxy_distillation", "sequence_distribution_distillation"])
-def test_unnormalised_dirichlet_losses_from_kd_student(toy_mt, kd_student, criterion):
+@pytest.mark.parametrize("criterion", FINETUNED)
+def test_unnormalised_dirichlet_losses_from_kd_student(toy_mt, runs, criterion):
     """Forward KL to the proxy and EnD2's NLL have per-token scales that grow with the proxy
     precision (no 1/B as in PD-EnD2); from scratch they collapse to a flat Dirichlet on this task,
     so, as usual for them, the student starts from the KD student (fairseq's --finetune-from-model)."""
-    checkpoint, log = distil(
-        toy_mt, criterion, f"student_{criterion}", 3,
-        ["--finetune-from-model", kd_student[0], "--lr", "1e-3"],
-    )
-    assert_learned(toy_mt, checkpoint, log, epochs=3, dirichlet=True)
+    _, log, bleu = runs["finetuned", criterion]
+    assert_learned(toy_mt, log, bleu, epochs=3, dirichlet=True)
 
 
-def test_teachers_decode_as_ensemble(toy_mt):
+def test_teachers_decode_as_ensemble(toy_mt, runs):
     """fairseq-generate loads the teachers (weights-only, through the plugin) as an ensemble."""
-    bleu = generate_bleu(toy_mt.data, ":".join(toy_mt.teachers), toy_mt.root)
-    assert bleu > toy_mt.untrained_bleu + 5
+    assert runs["bleu", "ensemble"] > toy_mt.untrained_bleu + 5
 
 
 def valid_stat(log, key):
@@ -67,9 +66,9 @@ def valid_stat(log, key):
     return float(re.search(rf"\| {key} ([-\d.]+)", lines[-1]).group(1))
 
 
-@pytest.mark.parametrize("flag", ["--fp16-ensemble", "--bf16-ensemble"])
-def test_half_precision_teachers(toy_mt, kd_student, flag):
+@pytest.mark.parametrize("flag", HALF)
+def test_half_precision_teachers(students, runs, flag):
     """Teachers in fp16/bf16 give the same validation statistics as in fp32, to their precision."""
-    _, log = distil(toy_mt, "rkl_dirichlet_proxy_distillation", f"student{flag}", 1, [flag, "--max-update", "2"])
+    _, log = runs["half", flag]
     for key in ("ensemble_mkl", "ensemble_epkl"):
-        assert valid_stat(log, key) == pytest.approx(valid_stat(kd_student[1], key), rel=0.05), key
+        assert valid_stat(log, key) == pytest.approx(valid_stat(students.kd[1], key), rel=0.05), key

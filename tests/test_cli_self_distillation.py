@@ -64,14 +64,22 @@ class Chain:
                 "--method", method]
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory):
-    chain = Chain(str(tmp_path_factory.mktemp("self_distillation")))
+def run_chain(root) -> Chain:
+    """Step 0, the a = 0 student, the estimated a and the step-1 student with it."""
+    chain = Chain(str(root))
     chain.student("step1-a0", 0)
     chain.estimate = json.loads(python_module("fairseq_pdd.estimate_gt_weight", chain.estimate_args("nll"), chain.root))
     chain.gt_weight = round(chain.estimate["gt_weight"], 4)
     chain.student("step1", chain.gt_weight)
     return chain
+
+
+BACKGROUND = {"chain": run_chain}  #: the chain runs from the session's start (conftest.Background)
+
+
+@pytest.fixture(scope="module")
+def chain(background):
+    return background.result(run_chain)
 
 
 def test_step1_beats_step0_on_clean_validation_nll(chain):

@@ -1,5 +1,6 @@
 """Uncertainty end to end through the real CLIs: fairseq-pdd-generate on the teachers (ensemble) and on a
-PD-EnD2 student (Dirichlet), in-domain and on two OOD sets, then fairseq-pdd-evaluate on both systems.
+PD-EnD2 student (Dirichlet; ``conftest.students``), in-domain and on two OOD sets, then fairseq-pdd-evaluate
+on both systems.
 
 OOD sets, built from the toy corpus of ``conftest.toy_mt``:
 
@@ -12,7 +13,7 @@ OOD sets, built from the toy corpus of ``conftest.toy_mt``:
 
 Every decode passes ``--required-batch-size-multiple 1``: with fairseq's default of 8 the last batch is
 cut to a multiple of 8 (fairseq issue #5036), so 4 of the 100 test sentences would never be decoded.
-The subprocesses run two at a time (the student trains while the ensemble decodes).
+The subprocesses run two at a time.
 """
 import json
 import math
@@ -21,7 +22,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cli_runner import run, train
+from cli_runner import run
 
 from fairseq_pdd.cli import user_dir
 from fairseq_pdd.evaluation.ood_sets import make_permuted_set
@@ -60,15 +61,6 @@ def _make_ood_data(toy_mt, work):
     return dest
 
 
-def _train_student(toy_mt, work):
-    """PD-EnD2 from scratch on the two teachers (as test_cli_distillation); returns (checkpoint, log)."""
-    save = os.path.join(work, "student_pd")
-    proc = train(toy_mt.data, save, work,
-                 ["--task", "distillation", "--ensemble-paths", ":".join(toy_mt.teachers),
-                  "--criterion", "rkl_dirichlet_proxy_distillation", "--max-epoch", "12", "--seed", "3"])
-    return os.path.join(save, "checkpoint_last.pt"), proc.stdout + proc.stderr
-
-
 class Decodes:
     """Everything the tests read: paths, fairseq-pdd-generate outputs and the student's training log."""
 
@@ -78,6 +70,9 @@ class Decodes:
                      "student": os.path.join(work, "decode", "student")}
         self.stdout = {}  #: (system, set) -> stdout of fairseq-pdd-generate
         self.plain_student_stdout = None  #: plain fairseq-generate on the student, in-domain
+        #: per system, the in-domain records with the measures from the other source (``--uncertainty-from``
+        #: rescore for the ensemble, beam for the student), re-scoring in length groups of at most 8 tokens
+        self.switched = {system: os.path.join(work, "switched", system, "test.jsonl") for system in self.dirs}
 
     def jsonl(self, system, set_name):
         return os.path.join(self.dirs[system], f"{SETS[set_name]}.jsonl")
@@ -89,12 +84,13 @@ def _generate(tool, data, subset, path, cwd, extra=()):
 
 
 @pytest.fixture(scope="module")
-def decodes(toy_mt):
+def decodes(toy_mt, students):
     work = os.path.join(toy_mt.root, "uncertainty")
     os.makedirs(work, exist_ok=True)
     ensemble = ":".join(toy_mt.teachers)
     where = {"test": (toy_mt.data, "test")}  #: set -> (data, subset); the OOD sets once binarised
-    out = Decodes(work, ensemble, None, None)
+    out = Decodes(work, ensemble, *students.pd)
+    systems = (("ensemble", ensemble), ("student", out.student))
 
     def decode(system, path, set_name):
         data, subset = where[set_name]
@@ -104,16 +100,21 @@ def decodes(toy_mt):
         return _generate("fairseq-pdd-generate", data, subset, path, work, extra)
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # two subprocesses at a time, in submission order
-        student_job = pool.submit(_train_student, toy_mt, work)
-        jobs = {("ensemble", "test"): pool.submit(decode, "ensemble", ensemble, "test")}
+        jobs = {(system, "test"): pool.submit(decode, system, path, "test") for system, path in systems}
         bin_ood = _make_ood_data(toy_mt, work)
         where.update(perm=(bin_ood, "test"), unseen=(bin_ood, "test1"))
-        jobs.update({("ensemble", s): pool.submit(decode, "ensemble", ensemble, s) for s in ("perm", "unseen")})
-        out.student, out.student_log = student_job.result()
-        jobs.update({("student", s): pool.submit(decode, "student", out.student, s) for s in SETS})
+        jobs.update({(system, s): pool.submit(decode, system, path, s)
+                     for system, path in systems for s in ("perm", "unseen")})
         plain = pool.submit(_generate, "fairseq-generate", toy_mt.data, "test", out.student, work)
+        switched = [pool.submit(_generate, "fairseq-pdd-generate", toy_mt.data, "test", path, work,
+                                ["--uncertainty-reference", "--uncertainty-from",
+                                 "rescore" if system == "ensemble" else "beam", "--uncertainty-max-tokens", "8",
+                                 "--quiet", "--uncertainty-output", out.switched[system]])
+                    for system, path in systems]
         out.stdout = {key: job.result() for key, job in jobs.items()}
         out.plain_student_stdout = plain.result()
+        for job in switched:
+            job.result()
     return out
 
 
@@ -281,18 +282,12 @@ def test_student_decodes_with_the_dirichlet_mean(toy_mt, decodes):
 
 
 @pytest.mark.parametrize("system", ["ensemble", "student"])
-def test_beam_measures_equal_rescoring_in_length_groups(toy_mt, decodes, system):
+def test_beam_measures_equal_rescoring_in_length_groups(decodes, system):
     """The measures computed inside beam search (the default for the ensemble) equal those of re-scoring
     the n-best lists teacher-forced (the default for the student), here in length groups of at most 8
     padded tokens (mostly one row each, ordered by length, not by row): same records, same order, same
     numbers to float32 rounding."""
-    target = os.path.join(decodes.work, "rescored", system, "test.jsonl")
-    path = decodes.ensemble if system == "ensemble" else decodes.student
-    _generate("fairseq-pdd-generate", toy_mt.data, "test", path, decodes.work,
-              ["--uncertainty-reference", "--uncertainty-from", "rescore" if system == "ensemble" else "beam",
-               "--uncertainty-max-tokens", "8", "--quiet",
-               "--uncertainty-output", target])
-    default, rescored = read_jsonl(decodes.jsonl(system, "test")), read_jsonl(target)
+    default, rescored = read_jsonl(decodes.jsonl(system, "test")), read_jsonl(decodes.switched[system])
     assert [(r["id"], r["rank"], r["hypothesis"]) for r in rescored] == \
         [(r["id"], r["rank"], r["hypothesis"]) for r in default]
     assert max(r["length"] for r in default) > 8  # rows longer than the budget are groups of their own

@@ -38,9 +38,8 @@ def write_librispeech_layout(root) -> None:
         tar.add(staging, arcname="LibriSpeech")
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("librispeech")
+def run_the_recipe(root):
+    """The recipe run on the toy corpus in ``root``: (root, WORK, its environment, its output)."""
     write_librispeech_layout(root)
     env = recipe_env(
         WORK=str(root / "work"), LIBRISPEECH=str(root / "LibriSpeech"), LIBRISPEECH_URL="http://invalid.test",
@@ -52,6 +51,14 @@ def recipe(tmp_path_factory):
     )
     log = run_recipe("librispeech", str(root), env)
     return root, root / "work", env, log
+
+
+BACKGROUND = {"recipe": run_the_recipe}  #: the run starts with the session (conftest.Background)
+
+
+@pytest.fixture(scope="module")
+def recipe(background):
+    return background.result(run_the_recipe)
 
 
 def read_tsv(path):

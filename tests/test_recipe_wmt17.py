@@ -43,9 +43,8 @@ def write_wmt_layout(raw_dir: str, toy_dir: str) -> None:
         tar.add(archived, arcname="training")
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wmt17")
+def run_the_recipe(root):
+    """The recipe run on the toy corpus in ``root``: (root, WORK, its environment, its output)."""
     write_wmt_layout(str(root / "raw"), str(root / "toy"))
     env = recipe_env(
         WORK=str(root / "work"), RAW_DIR=str(root / "raw"), DEVICE="cpu", M="2", SEEDS="1 2",
@@ -58,6 +57,14 @@ def recipe(tmp_path_factory):
     )
     log = run_recipe("wmt17_en_de", str(root), env)
     return root, root / "work", env, log
+
+
+BACKGROUND = {"recipe": run_the_recipe}  #: the run starts with the session (conftest.Background)
+
+
+@pytest.fixture(scope="module")
+def recipe(background):
+    return background.result(run_the_recipe)
 
 
 def binarised(data_dir, split, lang):

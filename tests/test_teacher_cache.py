@@ -4,6 +4,7 @@ import os
 import pickle
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,11 +66,17 @@ def caches(toy_mt) -> Caches:
     num_classes = len(make_task(toy_mt.data).target_dictionary)
     settings = ["--gen-subset", "train,valid", "--topk", str(num_classes), "--cache-dtype", "float32",
                 "--part-sentences", "700"]
-    build_cache(toy_mt, full, *settings, "--num-shards", "2", "--shard-id", "0")
-    after_first = {name: sorted(os.listdir(os.path.join(full, name))) for name in os.listdir(full)}
-    resumed = build_cache(toy_mt, full, *settings)
-    build_cache(toy_mt, top8, "--gen-subset", "train,valid", "--topk", "8")
-    return Caches(full, top8, after_first, resumed.stdout + resumed.stderr, num_classes)
+
+    def sharded_then_resumed():
+        build_cache(toy_mt, full, *settings, "--num-shards", "2", "--shard-id", "0")
+        after_first = {name: sorted(os.listdir(os.path.join(full, name))) for name in os.listdir(full)}
+        resumed = build_cache(toy_mt, full, *settings)
+        return after_first, resumed.stdout + resumed.stderr
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # two subprocesses at a time
+        job = pool.submit(sharded_then_resumed)
+        build_cache(toy_mt, top8, "--gen-subset", "train,valid", "--topk", "8")
+        return Caches(full, top8, *job.result(), num_classes)
 
 
 def test_sharded_and_resumed_build(caches):
@@ -153,14 +160,26 @@ def epoch_stats(log):
     return out
 
 
+SELF_DISTILLATION = ["--criterion", "gt_mixed_self_distillation", "--gt-weight", "0.5", "--max-epoch", "1"]
+
+
 @pytest.fixture(scope="module")
-def online_log(toy_mt):
-    return distil(toy_mt, "cache_ref_online", ["--ensemble-paths", ":".join(toy_mt.teachers)])
+def logs(toy_mt, caches):
+    """The fairseq-train logs of the students of the tests below, trained two at a time: PD-EnD2 with the
+    teachers online, from the full cache (the teachers given too: hashed, not loaded) and from the top-8
+    cache alone; a self-distillation criterion online and from the full cache."""
+    teachers = ["--ensemble-paths", ":".join(toy_mt.teachers)]
+    runs = {"online": teachers, "cache_full": ["--teacher-cache", caches.full, *teachers],
+            "cache_top8": ["--teacher-cache", caches.top8], "sd_online": [*teachers, *SELF_DISTILLATION],
+            "sd_cache": ["--teacher-cache", caches.full, *SELF_DISTILLATION]}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        jobs = {name: pool.submit(distil, toy_mt, f"cache_run_{name}", extra) for name, extra in runs.items()}
+        return {name: job.result() for name, job in jobs.items()}
 
 
-def test_training_from_full_cache_equals_online_training(toy_mt, caches, online_log):
+def test_training_from_full_cache_equals_online_training(caches, logs):
     """k = V in float32: the same updates as with the teachers online (shuffled batches, 2 epochs)."""
-    log = distil(toy_mt, "cache_full", ["--teacher-cache", caches.full, "--ensemble-paths", ":".join(toy_mt.teachers)])
+    log, online_log = logs["cache_full"], logs["online"]
     assert "loaded 2 teachers" not in log and f"teacher cache {caches.full}" in log
     ours, reference = epoch_stats(log), epoch_stats(online_log)
     assert len(ours) == len(reference) == 4
@@ -176,8 +195,8 @@ def test_two_gloo_processes_train_from_the_cache_like_one(toy_mt, caches, tmp_pa
                                          "--criterion", PD_END2])
 
 
-def test_training_from_top8_cache_without_teachers(toy_mt, caches, online_log):
-    log = distil(toy_mt, "cache_top8", ["--teacher-cache", caches.top8])
+def test_training_from_top8_cache_without_teachers(caches, logs):
+    log, online_log = logs["cache_top8"], logs["online"]
     assert "loaded 2 teachers" not in log and f"teacher cache {caches.top8}" in log
     losses, reference = valid_losses(log), valid_losses(online_log)
     assert len(losses) == 2 and losses[1] < losses[0]
@@ -187,11 +206,9 @@ def test_training_from_top8_cache_without_teachers(toy_mt, caches, online_log):
         assert ours[key] == pytest.approx(online[key], rel=2e-3), key
 
 
-def test_self_distillation_from_full_cache_equals_online_training(toy_mt, caches):
+def test_self_distillation_from_full_cache_equals_online_training(logs):
     """A self-distillation criterion reads the log of the rebuilt mean: k = V gives the online updates."""
-    sd = ["--criterion", "gt_mixed_self_distillation", "--gt-weight", "0.5", "--max-epoch", "1"]
-    online = distil(toy_mt, "sd_online", ["--ensemble-paths", ":".join(toy_mt.teachers), *sd])
-    cached = distil(toy_mt, "sd_cache", ["--teacher-cache", caches.full, *sd])
+    online, cached = logs["sd_online"], logs["sd_cache"]
     assert "loaded 2 teachers" not in cached
 
     def stats(log):
