@@ -103,7 +103,7 @@ def build(args):
         ck = os.path.join(save, "checkpoint_last.pt")
         if not os.path.exists(ck):
             print(f"train teacher {seed} ({args.teacher_epochs} epochs)", flush=True)
-            run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *args.model_args, *TINY_TRAINING,
+            run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TINY_TRAINING, *args.model_args,
                                   "--save-dir", save, "--criterion", "cross_entropy",
                                   "--max-epoch", args.teacher_epochs, "--seed", seed], work)
         teachers.append(ck)
@@ -111,7 +111,7 @@ def build(args):
     student = os.path.join(save, "checkpoint_last.pt")
     if not os.path.exists(student):
         print(f"train PD-EnD2 student ({args.student_epochs} epochs)", flush=True)
-        run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *args.model_args, *TINY_TRAINING,
+        run("fairseq-train", [data, "--user-dir", user_dir(), *TINY_TRANSFORMER, *TINY_TRAINING, *args.model_args,
                               "--save-dir", save, "--task", "distillation", "--ensemble-paths", ":".join(teachers),
                               "--criterion", "rkl_dirichlet_proxy_distillation",
                               "--max-epoch", args.student_epochs, "--seed", 3], work)
@@ -255,7 +255,7 @@ def parse_args(argv=None):
     p.add_argument("--test", type=int, default=1000, help="test sentences of the built corpus")
     p.add_argument("--train", type=int, default=2000, help="training sentences of the built corpus")
     p.add_argument("--model-args", default="", type=str.split,
-                   help="architecture options appended to the tiny Transformer's, e.g. \"--encoder-embed-dim 256 "
+                   help="training options appended to the tiny Transformer's (they win), e.g. \"--encoder-embed-dim 256 "
                         "--decoder-embed-dim 256 --encoder-layers 3 --decoder-layers 3\" (use a new --work)")
     p.add_argument("--teacher-epochs", type=int, default=20)
     p.add_argument("--student-epochs", type=int, default=12)

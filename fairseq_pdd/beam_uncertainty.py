@@ -9,9 +9,10 @@ free; :func:`take_columns` splits them off right after decoding and gives ``hypo
 fairseq made it. The models run once, in the beam search itself: nothing is re-scored.
 
 The measures are of the distributions beam search used: with ``--temperature`` they are those of the
-tempered models.
+tempered models. Whether measured or not, the ensemble (:class:`CheckedEnsemble`) stops the search at the
+first NaN log-probability with an error naming the model.
 """
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
@@ -35,19 +36,16 @@ class _Capture:
         return out
 
 
-class MeasuringEnsemble(EnsembleModel):
-    """fairseq's ``EnsembleModel`` whose decoder step also returns the measure columns (see module doc).
+class CheckedEnsemble(EnsembleModel):
+    """fairseq's ``EnsembleModel`` that stops the search with :class:`NonFiniteOutputError` naming the model
+    (``names``, one per model) whose log-probabilities have a NaN: fairseq would replace the NaN by -inf
+    and search on, to an assertion at the length limit or to garbage. Each model's ``(logits, log-probs)``
+    of the step are captured; one ``isnan`` of the combined log-probabilities per step (a member's NaN
+    reaches them) finds a bad step, the members are checked only then."""
 
-    ``outputs_of`` turns the step's captured ``[(logits (rows, 1, K), log-probs (rows, 1, K)), ...]``
-    (one per model) into what ``measures.step`` takes. A model whose log-probabilities have a NaN stops
-    the search with :class:`NonFiniteOutputError` naming it (``names``, one per model): fairseq would
-    replace the NaN by -inf and search on, to an assertion at the length limit or to garbage.
-    """
-
-    def __init__(self, models, measures: StepUncertainty, outputs_of: Callable[[list], object], eos: int,
-                 names: List[str]):
+    def __init__(self, models, names: List[str]):
         super().__init__(models)
-        self.measures, self.outputs_of, self.eos, self.names = measures, outputs_of, eos, names
+        self.names = names
         self._captured: list = []
         for model in self.models:
             model.get_normalized_probs = _Capture(model.get_normalized_probs, self._captured)
@@ -55,17 +53,32 @@ class MeasuringEnsemble(EnsembleModel):
     def forward_decoder(self, tokens, encoder_outs, incremental_states, temperature: float = 1.0):
         self._captured.clear()
         lprobs, attn = super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
-        self._check_finite(tokens.size(1) - 1)
+        if bool(torch.isnan(lprobs).any()):  # one device sync per step
+            name = next(name for name, (_, log_probs) in zip(self.names, self._captured)
+                        if bool(torch.isnan(log_probs).any()))
+            raise NonFiniteOutputError(f"model {name} gives NaN log-probabilities at decoding step "
+                                       f"{tokens.size(1) - 1}: its checkpoint holds NaN weights or its "
+                                       f"activations overflow")
+        return lprobs, attn
+
+
+class MeasuringEnsemble(CheckedEnsemble):
+    """A :class:`CheckedEnsemble` whose decoder step also returns the measure columns (see module doc).
+
+    ``outputs_of`` turns the step's captured ``[(logits (rows, 1, K), log-probs (rows, 1, K)), ...]``
+    (one per model) into what ``measures.step`` takes.
+    """
+
+    def __init__(self, models, names: List[str], measures: StepUncertainty, outputs_of: Callable[[list], object],
+                 eos: int):
+        super().__init__(models, names)
+        self.measures, self.outputs_of, self.eos = measures, outputs_of, eos
+
+    def forward_decoder(self, tokens, encoder_outs, incremental_states, temperature: float = 1.0):
+        lprobs, attn = super().forward_decoder(tokens, encoder_outs, incremental_states, temperature)
         columns = self.measures.step(self.outputs_of(self._captured), tokens, self.eos)
         self._captured.clear()
         return lprobs, columns if attn is None else torch.cat([attn.to(columns.dtype), columns], 1)
-
-    def _check_finite(self, step: int) -> None:
-        nan = torch.stack([torch.isnan(log_probs).any() for _, log_probs in self._captured])
-        if bool(nan.any()):  # one device sync per step
-            name = self.names[int(nan.nonzero()[0])]
-            raise NonFiniteOutputError(f"model {name} gives NaN log-probabilities at decoding step {step}: "
-                                       f"its checkpoint holds NaN weights or its activations overflow")
 
     def reorder_incremental_state(self, incremental_states, new_order):
         self.measures.reorder(new_order)
@@ -77,17 +90,20 @@ def ensemble_outputs(captured: list) -> List[torch.Tensor]:
     return [log_probs[:, -1, :] for _, log_probs in captured]
 
 
-def install(generator, measures: StepUncertainty, outputs_of: Callable[[list], object], eos: int,
-            names: List[str]) -> bool:
-    """Replace ``generator``'s ensemble by a :class:`MeasuringEnsemble` of the same models (``names``
-    for error messages).
+def install(generator, names: List[str], measures: Optional[StepUncertainty] = None,
+            outputs_of: Optional[Callable[[list], object]] = None, eos: Optional[int] = None) -> bool:
+    """Replace ``generator``'s ensemble by a :class:`CheckedEnsemble` of the same models (``names`` for error
+    messages), or, given ``measures`` (with ``outputs_of`` and ``eos``), a :class:`MeasuringEnsemble`.
 
     Only fairseq's plain ``SequenceGenerator`` with its plain ``EnsembleModel`` is handled (not, e.g.,
     the alignment variant of ``--print-alignment``); returns False, changing nothing, for any other.
     """
     if not isinstance(generator, SequenceGenerator) or type(generator.model) is not EnsembleModel:
         return False
-    generator.model = MeasuringEnsemble(list(generator.model.models), measures, outputs_of, eos, names).eval()
+    models = list(generator.model.models)
+    ensemble = (CheckedEnsemble(models, names) if measures is None
+                else MeasuringEnsemble(models, names, measures, outputs_of, eos))
+    generator.model = ensemble.eval()
     return True
 
 

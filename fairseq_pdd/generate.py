@@ -7,10 +7,10 @@ with three hooks installed for the duration of the run:
   Dirichlet criterion is a *Dirichlet student* (its predictive, also for beam search, is the mean
   ``alpha / a0`` with the checkpoint's parametrization and offset, not ``softmax(z)``); anything
   else is an *ensemble* of softmax members (M = 1 included);
-* for an ensemble (``--uncertainty-from auto`` or ``beam``), when the task builds its generator,
-  fairseq's ensemble wrapper is replaced by one that computes the measures inside beam search from the
-  distributions the search already has, step by step for every beam row
-  (:mod:`fairseq_pdd.beam_uncertainty`), so the members run once;
+* when the task builds its generator, fairseq's ensemble wrapper is replaced by one that stops the search at
+  the first NaN log-probability with an error naming the model, and, for an ensemble (``--uncertainty-from
+  auto`` or ``beam``), computes the measures inside beam search from the distributions the search already
+  has, step by step for every beam row (:mod:`fairseq_pdd.beam_uncertainty`), so the members run once;
 * after each batch is decoded, the measures of :mod:`fairseq_pdd.uncertainty` are attached to its
   n-best lists: a ``U-{id}`` line per hypothesis in fairseq's output and one JSONL record per
   hypothesis in ``--uncertainty-output`` (default ``{results_path or .}/uncertainty-{gen_subset}.jsonl``),
@@ -23,7 +23,6 @@ with three hooks installed for the duration of the run:
   members per decoded hypothesis token.
 """
 import contextlib
-import json
 import logging
 import os
 from typing import Optional
@@ -31,15 +30,15 @@ from unittest import mock
 
 import torch
 from fairseq import checkpoint_utils, options, tasks
-from fairseq.data import data_utils
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import fairseq_cli.generate as fairseq_generate
 import fairseq_pdd
-from fairseq_pdd import beam_uncertainty, rescoring, uncertainty
+from fairseq_pdd import beam_uncertainty, rescoring, uncertainty, uncertainty_jsonl
 from fairseq_pdd.step_uncertainty import DirichletStepUncertainty, EnsembleStepUncertainty, pad_columns
 from fairseq_pdd.dirichlet import concentrations
 from fairseq_pdd.models.bdistil import early_stop_summary
+from fairseq_pdd.uncertainty_jsonl import SymbolText
 
 logger = logging.getLogger(__name__)
 
@@ -115,8 +114,9 @@ class UncertaintyRun:
         self.cfg = None
         self.output_file = None
         self.predictive: Optional[DirichletPredictive] = None
-        self.records: Optional[object] = None
-        self.decode = None
+        self.records: Optional[uncertainty_jsonl.JsonlWriter] = None
+        self.decode = None  #: the run's detokenizer / BPE decoder, and the texts of token ids:
+        self.source_text = self.reference_text = self.hypothesis_text = None
         self.step_measures = None  #: the StepUncertainty when the measures come from beam search
         self.model_paths = []
         self.models = []
@@ -128,14 +128,13 @@ class UncertaintyRun:
             # plain values: omegaconf attribute access is slow in the per-record loop
             self.nbest, self.post_process = cfg.generation.nbest, cfg.common_eval.post_process
             self.quiet = cfg.common_eval.quiet
-            path = self.output_path(cfg, self.args.uncertainty_output)
+            self.records = uncertainty_jsonl.JsonlWriter(self.output_path(cfg, self.args.uncertainty_output))
             try:
-                with open(path + ".tmp", "w") as self.records:
-                    scorer = original(cfg, output_file)
+                scorer = original(cfg, output_file)
             except BaseException:
-                os.remove(path + ".tmp")  # no half-written output survives a failed run
+                self.records.discard()  # no half-written output survives a failed run
                 raise
-            os.replace(path + ".tmp", path)
+            self.records.commit()
             for model in self.models:
                 summary = early_stop_summary(model)
                 if summary:
@@ -174,9 +173,7 @@ class UncertaintyRun:
 
             def build_measuring_generator(models, *args, **kw):
                 generator = build_generator(models, *args, **kw)
-                if self.args.uncertainty_from == "beam" or (
-                        self.args.uncertainty_from == "auto" and self.predictive is None):
-                    self.track_in_beam(generator, len(models), task.target_dictionary.eos())
+                self.install_ensemble(generator, len(models), task.target_dictionary.eos())
                 return generator
 
             task.build_generator = build_measuring_generator
@@ -185,16 +182,21 @@ class UncertaintyRun:
         return hooked_setup
 
     # work -------------------------------------------------------------------------------------
-    def track_in_beam(self, generator, num_models: int, eos: int) -> None:
-        """Have ``generator`` compute the measures during its beam search, if it is fairseq's plain one."""
-        if self.predictive is not None:
+    def install_ensemble(self, generator, num_models: int, eos: int) -> None:
+        """Have fairseq's plain beam search stop at a NaN naming the model, and compute the measures during the
+        search (``--uncertainty-from beam``, or ``auto`` for an ensemble)."""
+        in_beam = self.args.uncertainty_from == "beam" or (
+            self.args.uncertainty_from == "auto" and self.predictive is None)
+        if not in_beam:
+            measures = outputs_of = None
+        elif self.predictive is not None:
             measures = DirichletStepUncertainty()
             outputs_of = lambda captured: self.predictive.alpha(captured[0][0][:, -1, :])  # noqa: E731
         else:
             measures, outputs_of = EnsembleStepUncertainty(num_models), beam_uncertainty.ensemble_outputs
-        if beam_uncertainty.install(generator, measures, outputs_of, eos, self.model_paths):
+        if beam_uncertainty.install(generator, self.model_paths, measures, outputs_of, eos):
             self.step_measures = measures
-        else:
+        elif in_beam:
             logger.warning("%s is not fairseq's plain beam search: its hypotheses are re-scored after decoding",
                            type(generator).__name__)
 
@@ -203,7 +205,6 @@ class UncertaintyRun:
         path = explicit or os.path.join(
             cfg.common_eval.results_path or ".", f"uncertainty-{cfg.dataset.gen_subset}.jsonl"
         )
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         return path
 
     def measures(self, models, encoder_outs, batch: rescoring.HypothesisBatch, eos: int, pad: int):
@@ -266,50 +267,49 @@ class UncertaintyRun:
                 return tokenizer.decode(x) if tokenizer is not None else x
 
             self.decode = decode
-        post = self.post_process
-        strip = fairseq_generate.get_symbols_to_strip_from_output(generator)
-        src_dict, tgt_dict = getattr(task, "source_dictionary", None), task.target_dictionary
-        pad = tgt_dict.pad()
-        # Python lists, not tensors: Dictionary.string iterates its input element by element.
+            strip = fairseq_generate.get_symbols_to_strip_from_output(generator)
+            src_dict, tgt_dict = getattr(task, "source_dictionary", None), task.target_dictionary
+            self.source_text = None if src_dict is None else SymbolText(src_dict, self.post_process)
+            self.reference_text = SymbolText(tgt_dict, self.post_process, strip, escape_unk=True)
+            self.hypothesis_text = SymbolText(tgt_dict, self.post_process, strip)
+        pad = task.target_dictionary.pad()
         net_input = sample["net_input"]
-        sources = net_input["src_tokens"].tolist() if src_dict is not None and "src_tokens" in net_input else None
+        sources = (net_input["src_tokens"].tolist()
+                   if self.source_text is not None and "src_tokens" in net_input else None)
         targets = sample["target"].tolist() if sample.get("target") is not None else None
         out = []
         for i in range(sample["id"].numel()):
-            src = self.decode(src_dict.string([t for t in sources[i] if t != pad], post)) if sources else ""
+            src = self.decode(self.source_text([t for t in sources[i] if t != pad])) if sources else ""
             ref, ref_tokens = None, None
             if targets is not None:
                 ref_tokens = [t for t in targets[i] if t != pad]
-                ref = self.decode(tgt_dict.string(ref_tokens, post, escape_unk=True, extra_symbols_to_ignore=strip))
+                ref = self.decode(self.reference_text(ref_tokens))
             out.append((src, ref, ref_tokens))
         return out
 
     def records_of(self, task, generator, sample, hypos, batch, token, sequence, reference_stats, texts) -> list:
-        """One JSON-ready record per hypothesis of ``batch``, in its row order."""
+        """One record per hypothesis of ``batch``, in its row order (numbers as float32 numpy views)."""
         tgt_dict = task.target_dictionary
         lengths = batch.mask.sum(-1).tolist()
-        token = {k: v.float().cpu().tolist() for k, v in token.items()}  # one conversion per batch
-        sequence = {k: v.float().cpu().tolist() for k, v in sequence.items()}
-        ids = sample["id"].tolist()
-        # Dictionary.string(tokens, post_process, extra_symbols_to_ignore=strip) of a hypothesis, without its
-        # per-token overhead (it was most of the records' cost): the symbols joined by spaces without EOS,
-        # BOS and the generator's stripped symbols (an unknown token stays the unknown word), then fairseq's
-        # own post-processing
-        ignored = set(fairseq_generate.get_symbols_to_strip_from_output(generator)) | {tgt_dict.eos(), tgt_dict.bos()}
-        symbol_of = tgt_dict.symbols
+        ids, rows = sample["id"].tolist(), batch.source_rows.tolist()
+        token = uncertainty_jsonl.measure_arrays(token, ids, rows, batch.mask)  # one conversion per batch
+        sequence = uncertainty_jsonl.measure_arrays(sequence, ids, rows)
         rows_tokens = batch.tokens.tolist()
         if reference_stats is not None:
-            confidence, correct = reference_stats[0].float().cpu().tolist(), reference_stats[1].int().cpu().tolist()
+            confidence = reference_stats[0].to("cpu", torch.float32).numpy()
+            correct = reference_stats[1].to("cpu", torch.uint8).numpy()
+        model = "dirichlet" if self.predictive is not None else "ensemble"
+        if batch.ranks and batch.ranks[0] >= 0:  # fairseq's own scores of the hypotheses
+            scores = torch.stack([hypos[row][rank]["score"] for row, rank in zip(rows, batch.ranks)])
+            scores = scores.to("cpu", torch.float32).numpy()
         records = []
-        for h, (row, rank) in enumerate(zip(batch.source_rows.tolist(), batch.ranks)):
+        for h, (row, rank) in enumerate(zip(rows, batch.ranks)):
             source, reference, reference_tokens = texts[row]
             length = lengths[h]
             tokens = rows_tokens[h][:length]
-            symbols = [symbol_of[t] for t in tokens[:-1]]  # without EOS
             if rank >= 0:
-                text = " ".join(symbol_of[t] for t in tokens if t not in ignored)
-                hypothesis = self.decode(data_utils.post_process(text, self.post_process))
-                score = float(hypos[row][rank]["score"])
+                hypothesis = self.decode(self.hypothesis_text(tokens))
+                score = scores[h]
             else:
                 hypothesis, score = reference, sequence["score"][h]
             record = {
@@ -321,24 +321,24 @@ class UncertaintyRun:
                 "score": score,
                 "log_prob": sequence["log_prob"][h],
                 "length": length,
-                "tokens": symbols,
-                "model": "dirichlet" if self.predictive is not None else "ensemble",
-                "token": {k: v[h][:length] for k, v in token.items()},
+                "tokens": [tgt_dict.symbols[t] for t in tokens[:-1]],  # without EOS
+                "model": model,
+                "token": {k: v[h, :length] for k, v in token.items()},
                 "sequence": {k: v[h] for k, v in sequence.items()},
             }
             if rank == 0 and reference_tokens is not None:
                 record["reference_tokens"] = [tgt_dict[t] for t in reference_tokens[:-1]]
             if reference_stats is not None:
-                record["token_confidence"] = confidence[h][:length]
-                record["token_correct"] = correct[h][:length]
+                record["token_confidence"] = confidence[h, :length]
+                record["token_correct"] = correct[h, :length]
             records.append(record)
         return records
 
     def write(self, records) -> None:
         """The records to the JSONL and, unless ``--quiet``, their ``U-`` lines to fairseq's output."""
-        for record in records:
-            self.records.write(json.dumps(record) + "\n")
-            if not self.quiet:
+        self.records.write(records)
+        if not self.quiet:
+            for record in records:
                 shown = " ".join(f"{k}={record['sequence'][k]:.4f}" for k in sorted(record["sequence"]))
                 print(f"U-{record['id']}\t{record['rank']}\t{shown}", file=self.output_file)
 
@@ -362,7 +362,8 @@ def cli_main() -> None:
     args = options.parse_args_and_arch(parser)
     try:
         main(args)
-    except (PredictiveOptionError, beam_uncertainty.NonFiniteOutputError) as e:
+    except (PredictiveOptionError, beam_uncertainty.NonFiniteOutputError,
+            uncertainty_jsonl.NonFiniteMeasureError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

@@ -89,20 +89,23 @@ def failures(toy_mt, foreign_teacher):
         return unsafe, run("fairseq-generate", [toy_mt.data, "--user-dir", user_dir(), "--path", unsafe, "--cpu",
                                                 "--max-sentences", "4"], toy_mt.root, expect_failure=True).stderr
 
-    def decode_poisoned():
-        output = os.path.join(toy_mt.root, "nan_decode", "test.jsonl")
-        return (poisoned, output), run(
+    def decode_poisoned(source):
+        output = os.path.join(toy_mt.root, f"nan_decode_{source}", "test.jsonl")
+        return lambda: ((poisoned, output), run(
             "fairseq-pdd-generate",
             [toy_mt.data, "--user-dir", user_dir(), "--path", f"{toy_mt.teachers[1]}:{poisoned}", "--gen-subset",
-             "test", "--beam", "5", "--batch-size", "64", "--cpu", "--quiet", "--uncertainty-output", output],
-            toy_mt.root, expect_failure=True).stderr
+             "test", "--beam", "5", "--batch-size", "64", "--cpu", "--quiet", "--uncertainty-output", output,
+             "--uncertainty-from", source],
+            toy_mt.root, expect_failure=True).stderr)
 
     def distil_case(path, teachers, name):
         return lambda: (path, distil_fails(toy_mt, teachers, name))
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         jobs = {"dictionary": pool.submit(other_dictionary_then_alone), "task": pool.submit(without_task),
-                "unsafe": pool.submit(generate_unsafe), "nan_decode": pool.submit(decode_poisoned)}
+                "unsafe": pool.submit(generate_unsafe)}
+        for source in ("beam", "rescore"):
+            jobs[f"nan_decode_{source}"] = pool.submit(decode_poisoned(source))
         for case, path, teachers in (("missing", missing, f"{toy_mt.teachers[0]}:{missing}"), ("empty", None, ""),
                                      ("nan", poisoned, f"{toy_mt.teachers[1]}:{poisoned}"),
                                      ("truncated", truncated, truncated)):
@@ -144,10 +147,12 @@ def test_non_finite_teacher_outputs(toy_mt, failures):
     assert toy_mt.teachers[1] not in err.split("non-finite teacher outputs from")[1].splitlines()[0]
 
 
-def test_nan_model_stops_uncertainty_decoding_with_its_name(failures):
+@pytest.mark.parametrize("source", ["beam", "rescore"])
+def test_nan_model_stops_uncertainty_decoding_with_its_name(failures, source):
     """fairseq's beam search would turn the NaN into -inf and fail on an assertion at the length limit;
-    fairseq-pdd-generate names the model at the first step and leaves no output file."""
-    (poisoned, output), err = failures["nan_decode"]
+    fairseq-pdd-generate names the model at the first step and leaves no output file, whether the measures
+    come from the beam or from re-scoring."""
+    (poisoned, output), err = failures[f"nan_decode_{source}"]
     assert f"fairseq-pdd-generate: error: model {poisoned} gives NaN log-probabilities at decoding step 0" in err, \
         err[-2000:]
     assert not os.path.exists(output) and not os.path.exists(output + ".tmp")
