@@ -4,8 +4,8 @@ For M members with token distributions ``p_m`` (N, K) the losses and measures ne
 
     pbar = (1/M) sum_m p_m,   mlog = (1/M) sum_m log p_m,   EH = (1/M) sum_m H[p_m],
 
-so they are accumulated one member at a time: memory is two (N, K) float32 tensors whatever M is,
-and a B x T x M x V tensor never exists. From them (all (N,)):
+so they are accumulated one member at a time: memory is four (N, K) float32 tensors whatever M is
+(two sums, a member's probabilities, a scratch), and a B x T x M x V tensor never exists. From them (all (N,)):
 
     total uncertainty   H[pbar]
     data uncertainty    EH
@@ -59,22 +59,57 @@ class EnsembleStatistics:
         return self._disagreement(self.cross_entropy, self.entropy_of_expected)
 
 
-def entropy_of(probs: torch.Tensor) -> torch.Tensor:
+def entropy_of(probs: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``H[p] = -sum_k p_k log p_k`` over the last dimension, with ``0 log 0 = 0``.
 
     ``log`` of ``p`` clamped at the dtype's smallest normal number: same values as ``torch.xlogy(p, p)``
-    to within ``K * tiny``, at about half its cost on CPU.
+    to within ``K * tiny``, at about half its cost on CPU. The one (N, K) temporary is ``scratch`` when
+    given (overwritten), and is updated in place: no autograd through it.
     """
-    return -(probs * torch.log(probs.clamp(min=torch.finfo(probs.dtype).tiny))).sum(-1)
+    t = torch.clamp(probs, min=torch.finfo(probs.dtype).tiny, out=scratch)
+    return t.log_().mul_(probs).sum(-1).neg_()
+
+
+def dot_rows(a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum_k a_k b_k`` over the last dimension; the product goes to ``scratch`` when given."""
+    return torch.mul(a, b, out=scratch).sum(-1)
+
+
+class Workspace:
+    """Named buffers kept between uses and only grown: :meth:`like` gives an uninitialised tensor over the
+    name's storage. On CPU a fresh large tensor costs its page faults, often more than
+    the arithmetic done in it (an (N, K) ``exp`` into a new tensor took 10x one into a reused one here); a
+    GPU's caching allocator makes reuse free anyway. A buffer is overwritten by the next request of its name.
+    """
+
+    def __init__(self) -> None:
+        self._storage = {}
+
+    def like(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``tensor``'s shape, dtype and device over the storage of ``name``."""
+        n = tensor.numel()
+        storage = self._storage.get(name)
+        if storage is None or storage.numel() < n or storage.dtype != tensor.dtype or storage.device != tensor.device:
+            storage = self._storage[name] = torch.empty(n, dtype=tensor.dtype, device=tensor.device)
+        return storage[:n].view(tensor.shape)
 
 
 class EnsembleAccumulator:
-    """Adds members' log-probabilities (N, K) one at a time; ``finalize()`` gives the statistics."""
+    """Adds members' log-probabilities (N, K) one at a time; ``finalize()`` gives the statistics.
 
-    def __init__(self) -> None:
+    Memory: four (N, K) buffers whatever M is (the sums of probabilities and log-probabilities, a member's
+    probabilities, a scratch), from ``workspace`` when given (e.g. one per decoding run, so that steps
+    re-use them; the statistics' ``mean_probs`` and ``mean_log_probs`` are then valid until the next
+    accumulator of that workspace adds a member), else fresh. No autograd: the buffers are written in
+    place.
+    """
+
+    def __init__(self, workspace: Optional[Workspace] = None) -> None:
+        self._workspace = workspace if workspace is not None else Workspace()
         self._sum_probs: Optional[torch.Tensor] = None
         self._sum_log_probs: Optional[torch.Tensor] = None
         self._sum_entropy: Optional[torch.Tensor] = None
+        self._scratch: Optional[torch.Tensor] = None
         self._count = 0
         self._finalized = False
 
@@ -87,20 +122,24 @@ class EnsembleAccumulator:
         if self._finalized:
             raise RuntimeError("EnsembleAccumulator.add() after finalize(); start a new accumulator")
         log_probs = log_probs.to(compute_dtype(log_probs.dtype))
-        probs = log_probs.exp()
-        # 0 * log 0 = 0: a class with probability 0 (log-probability -inf) adds no entropy.
-        entropy = -(probs * log_probs.clamp(min=torch.finfo(log_probs.dtype).min)).sum(-1)
         if self._count == 0:
-            self._sum_probs, self._sum_log_probs, self._sum_entropy = probs, log_probs.clone(), entropy
+            self._sum_probs, self._sum_log_probs, self._scratch = (
+                self._workspace.like(name, log_probs) for name in ("sum_probs", "sum_log_probs", "scratch"))
+            probs = torch.exp(log_probs, out=self._sum_probs)
+            self._sum_log_probs.copy_(log_probs)
         else:
             if log_probs.shape != self._sum_probs.shape:
                 raise ValueError(
                     f"ensemble member {self._count} gives log-probabilities of shape "
                     f"{tuple(log_probs.shape)}, the first gave {tuple(self._sum_probs.shape)}"
                 )
+            probs = torch.exp(log_probs, out=self._workspace.like("probs", log_probs))
             self._sum_probs += probs
             self._sum_log_probs += log_probs
-            self._sum_entropy += entropy
+        # 0 * log 0 = 0: a class with probability 0 (log-probability -inf) adds no entropy.
+        clamped = torch.clamp(log_probs, min=torch.finfo(log_probs.dtype).min, out=self._scratch)
+        entropy = -dot_rows(clamped, probs, self._scratch)
+        self._sum_entropy = entropy if self._count == 0 else self._sum_entropy.add_(entropy)
         self._count += 1
         return probs
 
@@ -116,8 +155,8 @@ class EnsembleAccumulator:
             mean_probs=mean_probs,
             mean_log_probs=mean_log_probs,
             expected_entropy=self._sum_entropy / m,
-            entropy_of_expected=entropy_of(mean_probs),
-            cross_entropy=-(mean_probs * mean_log_probs).sum(-1),
+            entropy_of_expected=entropy_of(mean_probs, self._scratch),
+            cross_entropy=-dot_rows(mean_probs, mean_log_probs, self._scratch),
             num_models=m,
         )
 

@@ -24,14 +24,15 @@ Between steps the beam is re-ordered: :meth:`StepUncertainty.reorder` gets fairs
 row r continues old row ``new_order[r]``). The previous step's distributions are kept as they are and
 only the chosen entries are read through that index, so nothing (rows, K) is copied. Memory: those
 previous distributions live one step longer (for an ensemble M x rows x K, as large as the stack of
-member log-probabilities fairseq builds at every step itself); a step's temporaries are a few (rows, K)
-tensors whatever M is, as members are streamed (:class:`~fairseq_pdd.ensemble_stats.EnsembleAccumulator`).
+member log-probabilities fairseq builds at every step itself); a step works in six (rows, K) buffers
+whatever M is, as members are streamed (:class:`~fairseq_pdd.ensemble_stats.EnsembleAccumulator`), and
+the buffers are kept from step to step (:class:`~fairseq_pdd.ensemble_stats.Workspace`).
 """
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from fairseq_pdd.ensemble_stats import EnsembleAccumulator
+from fairseq_pdd.ensemble_stats import EnsembleAccumulator, Workspace
 from fairseq_pdd.fused import compute_dtype
 from fairseq_pdd.uncertainty import (
     DIRICHLET_TOKEN_KEYS,
@@ -133,6 +134,7 @@ class EnsembleStepUncertainty(StepUncertainty):
         super().__init__()
         self.chosen_width = num_models
         self._prefix: Optional[torch.Tensor] = None
+        self._workspace = Workspace()  #: the step's (rows, K) buffers, re-used from step to step
 
     def _advance(self, previous, order):
         if order is None:
@@ -142,11 +144,12 @@ class EnsembleStepUncertainty(StepUncertainty):
 
     def _distribution(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         weights = torch.softmax(self._prefix, dim=1).to(compute_dtype(outputs[0].dtype))  # (rows, M)
-        acc, ep = EnsembleAccumulator(), None
+        acc, ep = EnsembleAccumulator(self._workspace), None
         for m, log_probs in enumerate(outputs):
-            weighted = acc.add(log_probs) * weights[:, m:m + 1]
-            ep = weighted if ep is None else ep.add_(weighted)
-        measures = ensemble_token_measures(acc.finalize(), ep)
+            probs, weight = acc.add(log_probs), weights[:, m:m + 1]
+            ep = torch.mul(probs, weight, out=self._workspace.like("ep", probs)) if ep is None \
+                else ep.addcmul_(probs, weight)
+        measures = ensemble_token_measures(acc.finalize(), ep, self._workspace.like("ep_scratch", ep))
         return torch.stack([measures[key] for key in self.distribution_keys], 1)
 
     def _chosen(self, outputs, order, tokens):

@@ -230,7 +230,8 @@ def dirichlet_measures_of(
 # Ensembles
 
 
-def ensemble_token_measures(stats: EnsembleStatistics, ep_mean_probs: Optional[torch.Tensor] = None) -> Measures:
+def ensemble_token_measures(stats: EnsembleStatistics, ep_mean_probs: Optional[torch.Tensor] = None,
+                            scratch: Optional[torch.Tensor] = None) -> Measures:
     """The Dirichlet student's five token measures for an ensemble (DESIGN.md section 2); shape of ``stats``.
 
     ``total_uncertainty = H[pbar]``, ``data_uncertainty = EH = mean_m H[p_m]``, ``mutual_information =
@@ -244,7 +245,8 @@ def ensemble_token_measures(stats: EnsembleStatistics, ep_mean_probs: Optional[t
     ``ep_total_uncertainty = H[q]``, ``ep_mutual_information = H[q] - EH``,
     ``ep_epkl = -sum_k q_k mlog_k - EH``, ``ep_mkl = -sum_k q_k mlog_k - H[q] = mean_m KL(q || p_m) >= 0``.
     ``ep_mutual_information`` and ``ep_epkl`` can be negative (EH is not q-weighted); they are not clamped.
-    For one member every disagreement measure is exactly 0.
+    For one member every disagreement measure is exactly 0. ``scratch`` (like ``ep_mean_probs``), when
+    given, is overwritten instead of allocating the EP variants' (N, K) temporary.
     """
     out = {
         "total_uncertainty": stats.entropy_of_expected,
@@ -258,9 +260,10 @@ def ensemble_token_measures(stats: EnsembleStatistics, ep_mean_probs: Optional[t
             raise ValueError(f"ep_mean_probs of shape {tuple(ep_mean_probs.shape)} do not match the ensemble "
                              f"statistics {tuple(stats.mean_probs.shape)}")
         q = ep_mean_probs.to(stats.mean_probs.dtype)
-        entropy = ensemble_stats.entropy_of(q)
+        entropy = ensemble_stats.entropy_of(q, scratch)
         # q_k = 0 contributes nothing even where mlog_k = -inf (clamped to the lowest finite value)
-        cross = -(q * stats.mean_log_probs.clamp(min=torch.finfo(q.dtype).min)).sum(-1)
+        clamped = torch.clamp(stats.mean_log_probs, min=torch.finfo(q.dtype).min, out=scratch)
+        cross = -ensemble_stats.dot_rows(clamped, q, scratch)
         out.update(
             ep_total_uncertainty=entropy,
             ep_mutual_information=entropy - stats.expected_entropy,

@@ -4,7 +4,7 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 from fairseq_pdd import dirichlet
-from fairseq_pdd.ensemble_stats import EnsembleAccumulator, ensemble_statistics
+from fairseq_pdd.ensemble_stats import EnsembleAccumulator, Workspace, ensemble_statistics
 
 
 def member_log_probs(m, n=4, k=50, seed=0, scale=3.0):
@@ -48,6 +48,22 @@ def streamed(stats):
 def assert_statistics_close(got, want, atol=2e-5):
     for key, value in want.items():
         torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=atol, msg=lambda m: f"{key}: {m}")
+
+
+def test_shared_workspace_gives_the_same_statistics_and_reuses_its_buffers():
+    """Accumulators of one workspace (as beam search's steps, whose rows shrink) equal fresh ones, while
+    the second writes into the first one's storage."""
+    workspace = Workspace()
+    pointers = []
+    for n, seed in ((6, 1), (4, 2), (6, 3)):
+        log_probs = member_log_probs(3, n=n, k=20, seed=seed)
+        acc = EnsembleAccumulator(workspace)
+        for member in log_probs:
+            acc.add(member)
+        stats = acc.finalize()
+        pointers.append(stats.mean_probs.data_ptr())
+        assert_statistics_close(streamed(stats), brute_force(log_probs))
+    assert pointers[0] == pointers[1] == pointers[2]
 
 
 @pytest.mark.parametrize("k", [7, 1000])
