@@ -13,9 +13,9 @@ One run:
    * for the ensemble (both teachers, ``--path a:b``) and the student (one Dirichlet checkpoint),
    * with ``--nbest 1`` and ``--nbest 5`` (beam 5),
    * ``plain``: ``fairseq-generate``; ``pdd``: ``fairseq-pdd-generate`` (default ``--uncertainty-from
-     auto``); ``pdd+ref``: the same with ``--uncertainty-reference`` (forced-decoded references too);
-     ``pdd-beam`` / ``pdd-rescore``: ``--uncertainty-from beam`` (measures computed inside the beam search)
-     / ``rescore`` (the n-best lists re-scored teacher-forced after decoding);
+     beam``: measures computed inside the beam search); ``pdd+ref``: the same with
+     ``--uncertainty-reference`` (forced-decoded references too); ``pdd-rescore``: ``--uncertainty-from
+     rescore`` (the n-best lists re-scored teacher-forced after decoding);
 
    each on subset ``test`` and, once per (tool, model) and round, on the 1-sentence subset ``test1``:
    the *start-up* cost (Python and fairseq imports, hydra config, checkpoint loading, data loading),
@@ -57,7 +57,6 @@ VARIANTS = {  # name -> (tool, extra options)
     "plain": ("fairseq-generate", []),
     "pdd": ("fairseq-pdd-generate", []),
     "pdd+ref": ("fairseq-pdd-generate", ["--uncertainty-reference"]),
-    "pdd-beam": ("fairseq-pdd-generate", ["--uncertainty-from", "beam"]),
     "pdd-rescore": ("fairseq-pdd-generate", ["--uncertainty-from", "rescore"]),
 }
 TRANSLATED = re.compile(r"Translated ([\d,]+) sentences \(([\d,]+) tokens\) in ([\d.]+)s \(([\d.]+) sentences/s")
@@ -124,7 +123,7 @@ def build(args):
 def decode_args(data, subset, path, nbest, extra, jsonl, args):
     out = [data, "--user-dir", user_dir(), "--path", path, "--gen-subset", subset, "--beam", args.beam,
            "--nbest", nbest, "--batch-size", args.batch_size, "--required-batch-size-multiple", 1,
-           "--scoring", "sacrebleu", "--cpu", "--quiet", *extra]
+           "--scoring", "sacrebleu", "--cpu", "--quiet", *args.generate_args, *extra]
     if jsonl:
         out += ["--uncertainty-output", jsonl]
     return out
@@ -148,7 +147,7 @@ def measure(args, data, models, startup_subset):
     jobs = []  # (name, model, nbest, variant, subset)
     for model in models:
         for nbest in args.nbest:
-            for variant in VARIANTS:
+            for variant in args.variants:
                 jobs.append((f"{model}/nbest{nbest}/{variant}", model, nbest, variant, "test"))
     if startup_subset:
         for model in models:
@@ -192,7 +191,7 @@ def hypothesis_lengths(jsonl):
     return {"hyp_len_mean": sum(lengths) / len(lengths), "hyp_len_max": max(lengths)}
 
 
-def summarise(results, models, nbests, has_startup):
+def summarise(results, models, nbests, variants, has_startup):
     """Per (model, nbest, pdd variant): medians and pdd / plain ratios (wall, fairseq's gen time, net)."""
     rows = []
     startup = {}
@@ -204,7 +203,7 @@ def summarise(results, models, nbests, has_startup):
         for nbest in nbests:
             plain = results[f"{model}/nbest{nbest}/plain"]
             p_net = plain["wall_median_s"] - startup[(model, "plain")] if has_startup else None
-            for variant in [v for v in VARIANTS if v != "plain"]:
+            for variant in [v for v in variants if v != "plain"]:
                 rec = results[f"{model}/nbest{nbest}/{variant}"]
                 net = rec["wall_median_s"] - startup[(model, "pdd")] if has_startup else None
                 rows.append({
@@ -257,15 +256,20 @@ def parse_args(argv=None):
     p.add_argument("--model-args", default="", type=str.split,
                    help="training options appended to the tiny Transformer's (they win), e.g. \"--encoder-embed-dim 256 "
                         "--decoder-embed-dim 256 --encoder-layers 3 --decoder-layers 3\" (use a new --work)")
+    p.add_argument("--generate-args", default="", type=str.split,
+                   help="options added to every decode of both tools, e.g. \"--max-len-a 0 --max-len-b 12\"")
     p.add_argument("--teacher-epochs", type=int, default=20)
     p.add_argument("--student-epochs", type=int, default=12)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--nbest", type=int, nargs="+", default=[1, 5])
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                   help="what to time (plain is always timed: the ratios' baseline)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="rounds run first and not counted (file caches)")
     args = p.parse_args(argv)
+    args.variants = ["plain"] + [v for v in args.variants if v != "plain"]
     given = [args.data, args.ensemble, args.student]
     if any(given) and not all(given):
         p.error("--data, --ensemble and --student go together")
@@ -289,7 +293,7 @@ def main(argv=None):
         startup_subset = args.startup_subset or "test1"
     models = {"ensemble": ensemble, "student": student}
     results = measure(args, data, models, startup_subset)
-    rows = summarise(results, list(models), args.nbest, bool(startup_subset))
+    rows = summarise(results, list(models), args.nbest, args.variants, bool(startup_subset))
     load = {"start": load_start, "end": os.getloadavg(), "cpus": os.cpu_count()}
     text = table(rows)
     print()

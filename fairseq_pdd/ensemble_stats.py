@@ -85,12 +85,13 @@ class Workspace:
     def __init__(self) -> None:
         self._storage = {}
 
-    def like(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """An uninitialised tensor of ``tensor``'s shape, dtype and device over the storage of ``name``."""
-        n = tensor.numel()
+    def like(self, name: str, tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """An uninitialised tensor of ``tensor``'s shape and device, and its dtype unless ``dtype`` is given,
+        over the storage of ``name``."""
+        n, dtype = tensor.numel(), dtype or tensor.dtype
         storage = self._storage.get(name)
-        if storage is None or storage.numel() < n or storage.dtype != tensor.dtype or storage.device != tensor.device:
-            storage = self._storage[name] = torch.empty(n, dtype=tensor.dtype, device=tensor.device)
+        if storage is None or storage.numel() < n or storage.dtype != dtype or storage.device != tensor.device:
+            storage = self._storage[name] = torch.empty(n, dtype=dtype, device=tensor.device)
         return storage[:n].view(tensor.shape)
 
 

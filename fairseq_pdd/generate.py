@@ -8,16 +8,16 @@ with three hooks installed for the duration of the run:
   ``alpha / a0`` with the checkpoint's parametrization and offset, not ``softmax(z)``); anything
   else is an *ensemble* of softmax members (M = 1 included);
 * when the task builds its generator, fairseq's ensemble wrapper is replaced by one that stops the search at
-  the first NaN log-probability with an error naming the model, and, for an ensemble (``--uncertainty-from
-  auto`` or ``beam``), computes the measures inside beam search from the distributions the search already
-  has, step by step for every beam row (:mod:`fairseq_pdd.beam_uncertainty`), so the members run once;
+  the first NaN log-probability with an error naming the model, and (``--uncertainty-from beam``, the
+  default) computes the measures inside beam search from the distributions the search already has, step
+  by step for every beam row (:mod:`fairseq_pdd.beam_uncertainty`), so the models run once;
 * after each batch is decoded, the measures of :mod:`fairseq_pdd.uncertainty` are attached to its
   n-best lists: a ``U-{id}`` line per hypothesis in fairseq's output and one JSONL record per
   hypothesis in ``--uncertainty-output`` (default ``{results_path or .}/uncertainty-{gen_subset}.jsonl``),
   written to a temporary file and renamed when decoding finishes. The references
-  (``--uncertainty-reference``), and the hypotheses themselves for a Dirichlet student (``auto``),
-  with ``--uncertainty-from rescore`` or with a generator other than fairseq's plain beam search, are
-  re-scored teacher-forced in batched passes (:mod:`fairseq_pdd.rescoring`);
+  (``--uncertainty-reference``), and the hypotheses themselves with ``--uncertainty-from rescore`` or with
+  a generator other than fairseq's plain beam search, are re-scored teacher-forced in batched passes
+  (:mod:`fairseq_pdd.rescoring`);
 * the output stream fairseq writes to is shared, so the U- lines sit with the batch's other lines;
 * a ``bdistil_*`` model decoded with early stopping gets a last line with the mean number of
   members per decoded hypothesis token.
@@ -37,6 +37,7 @@ import fairseq_pdd
 from fairseq_pdd import beam_uncertainty, rescoring, uncertainty, uncertainty_jsonl
 from fairseq_pdd.step_uncertainty import DirichletStepUncertainty, EnsembleStepUncertainty, pad_columns
 from fairseq_pdd.dirichlet import concentrations
+from fairseq_pdd.ensemble_stats import Workspace
 from fairseq_pdd.models.bdistil import early_stop_summary
 from fairseq_pdd.uncertainty_jsonl import SymbolText
 
@@ -63,12 +64,11 @@ def add_uncertainty_args(parser) -> None:
     group.add_argument("--uncertainty-reference", action="store_true",
                        help="also forced-decode each reference (records with rank -1, token confidence "
                             "and correctness for calibration)")
-    group.add_argument("--uncertainty-from", choices=["auto", "beam", "rescore"], default="auto",
-                       help="beam: compute the measures during beam search for every beam row; rescore: re-score "
-                            "the n-best lists teacher-forced after decoding (same values, but the measures "
-                            "ignore --temperature); auto: beam for an ensemble (its members need not run again), "
-                            "rescore for a Dirichlet student (one extra pass, and its digamma-heavy measures on "
-                            "the n-best rows only)"),
+    group.add_argument("--uncertainty-from", choices=["beam", "rescore"], default="beam",
+                       help="beam: compute the measures during beam search for every beam row, so the models "
+                            "run once (generators other than fairseq's plain beam search are re-scored); "
+                            "rescore: re-score the n-best lists teacher-forced after decoding, one more pass of "
+                            "every model (same values, but the measures ignore --temperature)")
     group.add_argument("--uncertainty-max-tokens", type=int, default=None, metavar="N",
                        help="re-score hypotheses in length-sorted groups of at most N padded target tokens "
                             f"(default: {BUCKET_ELEMENTS} / vocabulary size, bounding the logits to that many elements)")
@@ -118,6 +118,7 @@ class UncertaintyRun:
         self.decode = None  #: the run's detokenizer / BPE decoder, and the texts of token ids:
         self.source_text = self.reference_text = self.hypothesis_text = None
         self.step_measures = None  #: the StepUncertainty when the measures come from beam search
+        self.workspace = Workspace()  #: the re-scoring's (rows, length, K) buffers, kept between groups
         self.model_paths = []
         self.models = []
 
@@ -184,9 +185,8 @@ class UncertaintyRun:
     # work -------------------------------------------------------------------------------------
     def install_ensemble(self, generator, num_models: int, eos: int) -> None:
         """Have fairseq's plain beam search stop at a NaN naming the model, and compute the measures during the
-        search (``--uncertainty-from beam``, or ``auto`` for an ensemble)."""
-        in_beam = self.args.uncertainty_from == "beam" or (
-            self.args.uncertainty_from == "auto" and self.predictive is None)
+        search (``--uncertainty-from beam``)."""
+        in_beam = self.args.uncertainty_from == "beam"
         if not in_beam:
             measures = outputs_of = None
         elif self.predictive is not None:
@@ -208,13 +208,15 @@ class UncertaintyRun:
         return path
 
     def measures(self, models, encoder_outs, batch: rescoring.HypothesisBatch, eos: int, pad: int):
-        """(token measures (H, L), sequence measures (H,), predictive (H, L, K): alpha or mean probs)."""
+        """(token measures (H, L), sequence measures (H,), predictive (H, L, K): alpha or mean probs, the
+        latter valid until the next call)."""
         if self.predictive is not None:
             logits = rescoring.teacher_forced_logits(models[0], encoder_outs[0], batch, eos, pad)
             alpha = self.predictive.alpha(logits)
-            token, sequence = uncertainty.dirichlet_hypothesis_measures(alpha, batch.tokens, batch.mask)
+            token, sequence = uncertainty.dirichlet_hypothesis_measures(alpha, batch.tokens, batch.mask,
+                                                                        workspace=self.workspace)
             return token, sequence, alpha
-        acc = uncertainty.EnsembleHypothesisAccumulator(batch.tokens, batch.mask)
+        acc = uncertainty.EnsembleHypothesisAccumulator(batch.tokens, batch.mask, workspace=self.workspace)
         for model, encoder_out in zip(models, encoder_outs):
             logits = rescoring.teacher_forced_logits(model, encoder_out, batch, eos, pad)
             acc.add(torch.log_softmax(logits, -1, dtype=torch.float32))

@@ -170,8 +170,13 @@ class DirichletStepUncertainty(StepUncertainty):
     distribution_keys = DIRICHLET_TOKEN_KEYS
     chosen_width = 2
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._workspace = Workspace()  #: the step's (rows, K) buffers, re-used from step to step
+
     def _distribution(self, alpha: torch.Tensor) -> torch.Tensor:
-        measures = dirichlet_token_measures(alpha, validate=False)  # NaN shows in the hypothesis' measures
+        # NaN shows in the hypothesis' measures
+        measures = dirichlet_token_measures(alpha, validate=False, workspace=self._workspace)
         return torch.stack([measures[key] for key in self.distribution_keys], 1)
 
     def _chosen(self, alpha, order, tokens):

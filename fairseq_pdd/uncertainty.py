@@ -102,17 +102,32 @@ def _digamma_gap(x: torch.Tensor, kind: str, digamma_x1: Optional[torch.Tensor] 
     return torch.where(big, 0.5 * inv + tail, torch.log(xd) - torch.digamma(xd))
 
 
-def _dirichlet_rows(alpha: torch.Tensor, tokens: Optional[torch.Tensor]) -> Tuple[Measures, torch.Tensor]:
-    """Measures of rows ``alpha`` (n, K) (and chosen ``tokens`` (n,)); also the rows with invalid alpha (n,)."""
+def _gap_g_rows(alpha: torch.Tensor, psi_alpha1: torch.Tensor, out: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
+    """``g(alpha)`` of :func:`_digamma_gap` for (n, K) rows, into ``out``, given ``psi(alpha + 1)``: the
+    direct difference everywhere, then the series at the (few) entries ``alpha >= _SERIES_MIN`` (``big``:
+    a bool buffer of the same shape, overwritten)."""
+    g = torch.log(alpha, out=out).neg_().add_(psi_alpha1)
+    torch.ge(alpha, _SERIES_MIN, out=big)
+    return g.masked_scatter_(big, _digamma_gap(alpha.masked_select(big), "g"))
+
+
+def _dirichlet_rows(alpha: torch.Tensor, tokens: Optional[torch.Tensor], workspace: ensemble_stats.Workspace
+                    ) -> Tuple[Measures, torch.Tensor]:
+    """Measures of rows ``alpha`` (n, K) (and chosen ``tokens`` (n,)); also the rows with invalid alpha (n,).
+
+    The (n, K) work is done in three buffers of ``workspace`` (two float, one bool), in place.
+    """
     k = alpha.shape[-1]
     a0 = alpha.sum(-1, keepdim=True)
-    phat = alpha / a0
-    # MI = sum_k phat_k (g(alpha_k) - g(a0)); every term >= 0 since g decreases and alpha_k <= a0.
-    psi_alpha1 = torch.digamma(alpha + 1)
-    g0 = _digamma_gap(a0, "g")
-    mi = (phat * (_digamma_gap(alpha, "g", psi_alpha1) - g0).clamp(min=0)).sum(-1)
+    psi_alpha1 = torch.add(alpha, 1, out=workspace.like("psi_alpha1", alpha)).digamma_()
+    terms = workspace.like("terms", alpha)
+    # sum_k phat_k x_k = sum_k alpha_k x_k / a0
     # E H[pi] = sum_k phat_k (psi(a0 + 1) - psi(alpha_k + 1)); every term >= 0.
-    data = (phat * (torch.digamma(a0 + 1) - psi_alpha1).clamp(min=0)).sum(-1)
+    torch.sub(torch.digamma(a0 + 1), psi_alpha1, out=terms).clamp_(min=0)
+    data = ensemble_stats.dot_rows(terms, alpha, terms) / a0.squeeze(-1)
+    # MI = sum_k phat_k (g(alpha_k) - g(a0)); every term >= 0 since g decreases and alpha_k <= a0.
+    g = _gap_g_rows(alpha, psi_alpha1, terms, workspace.like("big", alpha, torch.bool))
+    mi = ensemble_stats.dot_rows(g.sub_(_digamma_gap(a0, "g")).clamp_(min=0), alpha, terms) / a0.squeeze(-1)
     a0 = a0.squeeze(-1)
     epkl = (k - 1) / a0
     out = {
@@ -123,7 +138,8 @@ def _dirichlet_rows(alpha: torch.Tensor, tokens: Optional[torch.Tensor]) -> Tupl
         # sum_k phat_k (h(alpha_k) - h(a0)) = EPKL - MI (h = 1/x - g); MKL >= MI >= 0 (h - g decreases).
         "mkl": (epkl - mi).clamp(min=0),
     }
-    bad = ~(torch.isfinite(alpha) & (alpha > 0)).all(-1)  # (n,) rows with an invalid alpha
+    # rows with an invalid alpha: a NaN makes the minimum NaN, an infinity the sum
+    bad = ~(alpha.amin(-1) > 0) | ~torch.isfinite(a0)
     if tokens is not None:
         out.update(dirichlet_target_measures(alpha.gather(-1, tokens.unsqueeze(-1)).squeeze(-1), a0))
     return out, bad
@@ -143,6 +159,7 @@ def dirichlet_token_measures(
     tokens: Optional[torch.Tensor] = None,
     mask: Optional[torch.Tensor] = None,
     validate: bool = True,
+    workspace: Optional[ensemble_stats.Workspace] = None,
 ) -> Measures:
     """Token measures of Dirichlet concentrations ``alpha`` (..., K); each value has shape (...).
 
@@ -160,7 +177,8 @@ def dirichlet_token_measures(
       ``nll_mkl = expected_nll - nll = E_pi[log phat_y - log pi_y] >= 0``.
 
     Rows are processed in chunks of about ``CHUNK_ELEMENTS`` elements, so the temporaries stay small
-    whatever (..., K). ``alpha`` must be finite and > 0 (ValueError otherwise, unless ``validate`` is
+    whatever (..., K); they are buffers of ``workspace`` (kept by a caller that calls again, e.g. at every
+    decoding step), else of a workspace of this call. ``alpha`` must be finite and > 0 (ValueError otherwise, unless ``validate`` is
     False) at the positions where the optional bool ``mask`` (...) is True (everywhere without one);
     no epsilon is needed since every logarithm is of ``alpha_k > 0`` or ``a0``.
     """
@@ -174,15 +192,17 @@ def dirichlet_token_measures(
         _check_mask(mask, lead, "alpha's positions")
     rows = alpha.reshape(-1, k)
     flat_tokens = None if tokens is None else tokens.reshape(-1).long()
+    workspace = workspace if workspace is not None else ensemble_stats.Workspace()
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     parts, bad = [], []
     for start in range(0, rows.shape[0], step):
         chunk = rows[start:start + step].to(compute_dtype(rows.dtype))
-        out, chunk_bad = _dirichlet_rows(chunk, None if flat_tokens is None else flat_tokens[start:start + step])
+        chunk_tokens = None if flat_tokens is None else flat_tokens[start:start + step]
+        out, chunk_bad = _dirichlet_rows(chunk, chunk_tokens, workspace)
         parts.append(out)
         bad.append(chunk_bad)
     if not parts:  # no rows
-        out, chunk_bad = _dirichlet_rows(rows.to(compute_dtype(rows.dtype)), flat_tokens)
+        out, chunk_bad = _dirichlet_rows(rows.to(compute_dtype(rows.dtype)), flat_tokens, workspace)
         parts, bad = [out], [chunk_bad]
     if validate:
         bad = torch.cat(bad)
@@ -195,7 +215,8 @@ def dirichlet_token_measures(
 
 
 def dirichlet_hypothesis_measures(
-    alpha: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, validate: bool = True
+    alpha: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, validate: bool = True,
+    workspace: Optional[ensemble_stats.Workspace] = None,
 ) -> Tuple[Measures, Measures]:
     """Token measures (B, T) (0 at padding) and sequence measures (B,) of a Dirichlet student's hypotheses.
 
@@ -204,7 +225,7 @@ def dirichlet_hypothesis_measures(
     has their means plus ``log_prob = sum_t log phat(y_t)`` and ``score = log_prob / L``.
     """
     _check_mask(mask, tokens.shape, "tokens")
-    token = dirichlet_token_measures(alpha, tokens, mask, validate)
+    token = dirichlet_token_measures(alpha, tokens, mask, validate, workspace)
     token = {key: torch.where(mask, value, torch.zeros_like(value)) for key, value in token.items()}
     return token, sequence_measures(token, mask, -token["nll"], validate)
 
@@ -398,16 +419,19 @@ class EnsembleHypothesisAccumulator:
 
     ``tokens`` (B, T) are the hypotheses (or references), ``mask`` (B, T) their positions. Each
     :meth:`add` takes one member's log-probabilities (B, T, K) at those positions (teacher-forced).
-    Memory: the two (B, T, K) buffers of :class:`~fairseq_pdd.ensemble_stats.EnsembleAccumulator`, plus
+    Memory: the four (B, T, K) buffers of :class:`~fairseq_pdd.ensemble_stats.EnsembleAccumulator`, plus
     one for the EP predictive when ``expectation_of_products`` (exact online softmax over members:
     ``q <- q e^{Z - Z'} + p_m e^{c_m - Z'}``, ``Z' = logaddexp(Z, c_m)``), plus (M, B, T) chosen-token
-    log-probabilities.
+    log-probabilities; the (B, T, K) ones from ``workspace`` when given (re-used by the next accumulator
+    of that workspace: the statistics are valid until then).
     """
 
-    def __init__(self, tokens: torch.Tensor, mask: torch.Tensor, expectation_of_products: bool = True) -> None:
+    def __init__(self, tokens: torch.Tensor, mask: torch.Tensor, expectation_of_products: bool = True,
+                 workspace: Optional[ensemble_stats.Workspace] = None) -> None:
         _check_mask(mask, tokens.shape, "tokens")
         self.tokens, self.mask = tokens.long(), mask
-        self._stats = EnsembleAccumulator()
+        self._workspace = workspace if workspace is not None else ensemble_stats.Workspace()
+        self._stats = EnsembleAccumulator(self._workspace)
         self._chosen = []
         self._ep = expectation_of_products
         self._log_norm: Optional[torch.Tensor] = None
@@ -418,7 +442,7 @@ class EnsembleHypothesisAccumulator:
         if log_probs.shape[:-1] != self.tokens.shape:
             raise ValueError(f"ensemble member {len(self._chosen)} gives log-probabilities of shape "
                              f"{tuple(log_probs.shape)}; the hypotheses are {tuple(self.tokens.shape)} (B, T)")
-        self._stats.add(log_probs)
+        probs = self._stats.add(log_probs)
         log_probs = log_probs.to(compute_dtype(log_probs.dtype))
         self._dtype = log_probs.dtype
         chosen = log_probs.gather(-1, self.tokens.unsqueeze(-1)).squeeze(-1).double()
@@ -428,12 +452,13 @@ class EnsembleHypothesisAccumulator:
             return
         prefix = chosen.cumsum(-1) - chosen  # log P_m(y_<t), finite thanks to the floor
         if self._log_norm is None:
-            self._log_norm, self._ep_probs = prefix, log_probs.exp()
+            self._log_norm = prefix
+            self._ep_probs = self._workspace.like("ep_probs", probs).copy_(probs)
             return
         log_norm = torch.logaddexp(self._log_norm, prefix)
         old = (self._log_norm - log_norm).exp().to(log_probs.dtype).unsqueeze(-1)
         new = (prefix - log_norm).exp().to(log_probs.dtype).unsqueeze(-1)
-        self._ep_probs.mul_(old).add_(log_probs.exp().mul_(new))
+        self._ep_probs.mul_(old).addcmul_(probs, new)
         self._log_norm = log_norm
 
     def finalize(self) -> Tuple[EnsembleStatistics, torch.Tensor, Optional[torch.Tensor]]:

@@ -70,8 +70,8 @@ class Decodes:
                      "student": os.path.join(work, "decode", "student")}
         self.stdout = {}  #: (system, set) -> stdout of fairseq-pdd-generate
         self.plain_student_stdout = None  #: plain fairseq-generate on the student, in-domain
-        #: per system, the in-domain records with the measures from the other source (``--uncertainty-from``
-        #: rescore for the ensemble, beam for the student), re-scoring in length groups of at most 8 tokens
+        #: per system, the in-domain records with the measures re-scored (``--uncertainty-from rescore``;
+        #: the default measures in the beam), in length groups of at most 8 tokens
         self.switched = {system: os.path.join(work, "switched", system, "test.jsonl") for system in self.dirs}
 
     def jsonl(self, system, set_name):
@@ -107,8 +107,8 @@ def decodes(toy_mt, students):
                      for system, path in systems for s in ("perm", "unseen")})
         plain = pool.submit(_generate, "fairseq-generate", toy_mt.data, "test", out.student, work)
         switched = [pool.submit(_generate, "fairseq-pdd-generate", toy_mt.data, "test", path, work,
-                                ["--uncertainty-reference", "--uncertainty-from",
-                                 "rescore" if system == "ensemble" else "beam", "--uncertainty-max-tokens", "8",
+                                ["--uncertainty-reference", "--uncertainty-from", "rescore",
+                                 "--uncertainty-max-tokens", "8",
                                  "--quiet", "--uncertainty-output", out.switched[system]])
                     for system, path in systems]
         out.stdout = {key: job.result() for key, job in jobs.items()}
@@ -283,8 +283,8 @@ def test_student_decodes_with_the_dirichlet_mean(toy_mt, decodes):
 
 @pytest.mark.parametrize("system", ["ensemble", "student"])
 def test_beam_measures_equal_rescoring_in_length_groups(decodes, system):
-    """The measures computed inside beam search (the default for the ensemble) equal those of re-scoring
-    the n-best lists teacher-forced (the default for the student), here in length groups of at most 8
+    """The measures computed inside beam search (the default) equal those of re-scoring the n-best lists
+    teacher-forced (``--uncertainty-from rescore``), here in length groups of at most 8
     padded tokens (mostly one row each, ordered by length, not by row): same records, same order, same
     numbers to float32 rounding."""
     default, rescored = read_jsonl(decodes.jsonl(system, "test")), read_jsonl(decodes.switched[system])
