@@ -6,7 +6,8 @@
 # report: BLEU of every model, OOD ROC-AUC and PRR per measure for the ensemble and both students.
 # With --asr the same pipeline runs on synthetic speech (FLAC in LibriSpeech's layout -> fbank80 +
 # sentencepiece -> tiny VGG-Transformers, WER; OOD = unseen words in another frequency band).
-# Deterministic for a given SEED; re-running resumes (finished stages are skipped).
+# Deterministic for a given SEED on one machine (one thread; another CPU model may round differently and
+# change the numbers); re-running resumes (finished stages are skipped).
 #   WORK=runs/toy  M=3  TEACHER_EPOCHS=20  STUDENT_EPOCHS=12  SEED=1  bash recipes/toy/run.sh [--asr]
 set -euo pipefail
 RECIPES=$(cd "$(dirname "$0")/.." && pwd)
