@@ -5,7 +5,8 @@ For M members with token distributions ``p_m`` (N, K) the losses and measures ne
     pbar = (1/M) sum_m p_m,   mlog = (1/M) sum_m log p_m,   EH = (1/M) sum_m H[p_m],
 
 so they are accumulated one member at a time: memory is four (N, K) float32 tensors whatever M is
-(two sums, a member's probabilities, a scratch), and a B x T x M x V tensor never exists. From them (all (N,)):
+(two sums, a member's probabilities, a scratch), and a B x T x M x V tensor never exists. From them
+(all (N,)):
 
     total uncertainty   H[pbar]
     data uncertainty    EH
@@ -77,9 +78,9 @@ def dot_rows(a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tensor] =
 
 class Workspace:
     """Named buffers kept between uses and only grown: :meth:`like` gives an uninitialised tensor over the
-    name's storage. On CPU a fresh large tensor costs its page faults, often more than
-    the arithmetic done in it (an (N, K) ``exp`` into a new tensor took 10x one into a reused one here); a
-    GPU's caching allocator makes reuse free anyway. A buffer is overwritten by the next request of its name.
+    name's storage. On CPU a fresh large tensor costs its page faults, often more than the arithmetic done
+    in it (an (N, K) ``exp`` into a new tensor took 10x one into a reused one here); a GPU's caching
+    allocator makes reuse free anyway. A buffer is overwritten by the next request of its name.
     """
 
     def __init__(self) -> None:

@@ -82,13 +82,12 @@ _SERIES_MIN = 8.0
 # Dirichlet
 
 
-def _digamma_gap(x: torch.Tensor, kind: str, digamma_x1: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _digamma_gap(x: torch.Tensor, kind: str) -> torch.Tensor:
     """``g(x) = psi(x + 1) - log x`` (kind "g") or ``h(x) = log x - psi(x)`` (kind "h"), both ~ 1/(2x).
 
     Both are positive and decreasing (g + h = 1/x). Computed directly below :data:`_SERIES_MIN` and by
     ``1/(2x) -+ 1/(12x^2) +- 1/(120x^4) -+ 1/(252x^6)`` above it, where the direct difference would
-    cancel (at x = 1e6 it has no correct digit in float32). For kind "g" a caller that already holds
-    ``psi(x + 1)`` passes it as ``digamma_x1`` (one digamma over (n, K) instead of two).
+    cancel (at x = 1e6 it has no correct digit in float32). For (n, K) rows see :func:`_gap_g_rows`.
     """
     big = x >= _SERIES_MIN
     xs = torch.where(big, x, torch.full_like(x, _SERIES_MIN))
@@ -97,12 +96,12 @@ def _digamma_gap(x: torch.Tensor, kind: str, digamma_x1: Optional[torch.Tensor] 
     tail = inv2 * (1.0 / 12 - inv2 * (1.0 / 120 - inv2 / 252))
     xd = torch.where(big, torch.ones_like(x), x)
     if kind == "g":
-        psi1 = torch.digamma(xd + 1) if digamma_x1 is None else digamma_x1
-        return torch.where(big, 0.5 * inv - tail, psi1 - torch.log(xd))
+        return torch.where(big, 0.5 * inv - tail, torch.digamma(xd + 1) - torch.log(xd))
     return torch.where(big, 0.5 * inv + tail, torch.log(xd) - torch.digamma(xd))
 
 
-def _gap_g_rows(alpha: torch.Tensor, psi_alpha1: torch.Tensor, out: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
+def _gap_g_rows(alpha: torch.Tensor, psi_alpha1: torch.Tensor, out: torch.Tensor, big: torch.Tensor
+                ) -> torch.Tensor:
     """``g(alpha)`` of :func:`_digamma_gap` for (n, K) rows, into ``out``, given ``psi(alpha + 1)``: the
     direct difference everywhere, then the series at the (few) entries ``alpha >= _SERIES_MIN`` (``big``:
     a bool buffer of the same shape, overwritten)."""
@@ -178,9 +177,10 @@ def dirichlet_token_measures(
 
     Rows are processed in chunks of about ``CHUNK_ELEMENTS`` elements, so the temporaries stay small
     whatever (..., K); they are buffers of ``workspace`` (kept by a caller that calls again, e.g. at every
-    decoding step), else of a workspace of this call. ``alpha`` must be finite and > 0 (ValueError otherwise, unless ``validate`` is
-    False) at the positions where the optional bool ``mask`` (...) is True (everywhere without one);
-    no epsilon is needed since every logarithm is of ``alpha_k > 0`` or ``a0``.
+    decoding step), else of a workspace of this call. ``alpha`` must be finite and > 0 (ValueError
+    otherwise, unless ``validate`` is False) at the positions where the optional bool ``mask`` (...) is
+    True (everywhere without one); no epsilon is needed since every logarithm is of ``alpha_k > 0`` or
+    ``a0``.
     """
     if alpha.dim() < 1:
         raise ValueError("alpha must have a class dimension (..., K)")
