@@ -81,16 +81,18 @@ class PredictiveOptionError(ValueError):
 
 
 class DirichletPredictive:
-    """``get_normalized_probs`` of a Dirichlet student: ``log(alpha / a0)`` from its logits."""
+    """``get_normalized_probs`` of a Dirichlet student: ``log(alpha / a0)`` from its logits; the
+    concentrations of the last call stay in ``last_alpha`` (for the measures of a beam step)."""
 
     def __init__(self, parametrization: str, offset: float):
         self.parametrization, self.offset = parametrization, offset
+        self.last_alpha: Optional[torch.Tensor] = None
 
     def alpha(self, logits: torch.Tensor) -> torch.Tensor:
         return concentrations(logits.float(), self.parametrization, self.offset)
 
     def __call__(self, net_output, log_probs, sample=None):
-        alpha = self.alpha(net_output[0])
+        alpha = self.last_alpha = self.alpha(net_output[0])
         lp = alpha.log() - alpha.sum(-1, keepdim=True).log()
         return lp if log_probs else lp.exp()
 
@@ -191,7 +193,7 @@ class UncertaintyRun:
             measures = outputs_of = None
         elif self.predictive is not None:
             measures = DirichletStepUncertainty()
-            outputs_of = lambda captured: self.predictive.alpha(captured[0][0][:, -1, :])  # noqa: E731
+            outputs_of = lambda captured: self.predictive.last_alpha[:, -1, :]  # noqa: E731
         else:
             measures, outputs_of = EnsembleStepUncertainty(num_models), beam_uncertainty.ensemble_outputs
         if beam_uncertainty.install(generator, self.model_paths, measures, outputs_of, eos):
