@@ -254,8 +254,9 @@ def parse_args(argv=None):
     p.add_argument("--test", type=int, default=1000, help="test sentences of the built corpus")
     p.add_argument("--train", type=int, default=2000, help="training sentences of the built corpus")
     p.add_argument("--model-args", default="", type=str.split,
-                   help="training options appended to the tiny Transformer's (they win), e.g. \"--encoder-embed-dim 256 "
-                        "--decoder-embed-dim 256 --encoder-layers 3 --decoder-layers 3\" (use a new --work)")
+                   help="training options appended to the tiny Transformer's (they win), e.g. "
+                        "\"--encoder-embed-dim 256 --decoder-embed-dim 256 --encoder-layers 3 --decoder-layers 3\" "
+                        "(use a new --work)")
     p.add_argument("--generate-args", default="", type=str.split,
                    help="options added to every decode of both tools, e.g. \"--max-len-a 0 --max-len-b 12\"")
     p.add_argument("--teacher-epochs", type=int, default=20)

@@ -117,8 +117,8 @@ class UncertaintyRun:
         self.output_file = None
         self.predictive: Optional[DirichletPredictive] = None
         self.records: Optional[uncertainty_jsonl.JsonlWriter] = None
-        self.decode = None  #: the run's detokenizer / BPE decoder, and the texts of token ids:
-        self.source_text = self.reference_text = self.hypothesis_text = None
+        self.decode = None  #: the run's detokenizer / BPE decoder (built with the texts below, at first use)
+        self.source_text = self.reference_text = self.hypothesis_text = None  #: SymbolText of token ids
         self.step_measures = None  #: the StepUncertainty when the measures come from beam search
         self.workspace = Workspace()  #: the re-scoring's (rows, length, K) buffers, kept between groups
         self.model_paths = []
