@@ -28,15 +28,15 @@ setup(
     entry_points={
         "console_scripts": [
             "fairseq-pdd-user-dir = fairseq_pdd.cli:print_user_dir",
-            "fairseq-pdd-toy-data = fairseq_pdd.toy_data:main",
+            "fairseq-pdd-toy-data = fairseq_pdd.data.toy_mt:main",
             "fairseq-pdd-evaluate = fairseq_pdd.evaluation.cli:main",
-            "fairseq-pdd-generate = fairseq_pdd.generate:cli_main",
-            "fairseq-pdd-cache = fairseq_pdd.teacher_cache:cli_main",
-            "fairseq-pdd-estimate-gt-weight = fairseq_pdd.estimate_gt_weight:main",
-            "fairseq-pdd-chain-report = fairseq_pdd.chain_report:main",
-            "fairseq-pdd-prepare-librispeech = fairseq_pdd.librispeech:main",
-            "fairseq-pdd-asr-toy-data = fairseq_pdd.asr_toy_data:main",
-            "fairseq-pdd-bdistil = fairseq_pdd.bdistil_cli:main",
+            "fairseq-pdd-generate = fairseq_pdd.decoding.generate:cli_main",
+            "fairseq-pdd-cache = fairseq_pdd.teachers.build_cache:cli_main",
+            "fairseq-pdd-estimate-gt-weight = fairseq_pdd.self_distillation.estimate_gt_weight:main",
+            "fairseq-pdd-chain-report = fairseq_pdd.self_distillation.chain_report:main",
+            "fairseq-pdd-prepare-librispeech = fairseq_pdd.data.librispeech:main",
+            "fairseq-pdd-asr-toy-data = fairseq_pdd.data.toy_asr:main",
+            "fairseq-pdd-bdistil = fairseq_pdd.bdistil.cli:main",
         ]
     },
 )

@@ -6,15 +6,15 @@ One run measures, for the same fairseq Transformer student and the same batch:
 * ``ce``: plain cross-entropy training (log_softmax + NLL over the non-pad positions), the baseline;
 * ``rkl``, ``fkl``, ``nll``, ``kd``: the plugin's four criteria (PD-EnD2, forward KL to the proxy,
   EnD2 Dirichlet NLL, KD to the ensemble mean) exactly as training runs them: the teachers go
-  through :class:`fairseq_pdd.teachers.TeacherEnsemble` (streamed ``EnsembleAccumulator``), then
+  through :class:`fairseq_pdd.teachers.ensemble.TeacherEnsemble` (streamed ``EnsembleAccumulator``), then
   the registered fairseq criterion's ``forward`` (fused float32 loss), then ``backward``;
 * ``rkl_materialized``: the "authors' style" PD-EnD2, all teachers' probabilities stacked in a
   B x T x M x V float64 tensor, pbar/MKL from it, and ``KL(Dir(alpha) || Dir(B pbar + 1)) / B`` in
   float64 with plain autograd through lgamma/digamma;
 * ``rkl_cache``: PD-EnD2 trained from the offline teacher cache, no teacher loaded: the batch's
   top-k rows (``--topk``, ``--cache-dtype``) of a real cache written by
-  :func:`fairseq_pdd.cache_format.write_cache` from the max(M) teachers are moved to the device,
-  expanded to dense statistics (:func:`fairseq_pdd.topk_stats.expand`, as the ``distillation``
+  :func:`fairseq_pdd.teachers.cache_format.write_cache` from the max(M) teachers are moved to the device,
+  expanded to dense statistics (:func:`fairseq_pdd.distill.topk_stats.expand`, as the ``distillation``
   task does) and fed to the same criterion. Reading the rows from the memory-mapped arrays happens
   in fairseq's data-loader workers during training; it is timed separately (``host_load_time_s``).
 
@@ -176,7 +176,7 @@ def build_criterion(name: str, task):
 def make_fused_step(name: str, task):
     """The training path of criterion ``name``: TeacherEnsemble statistics -> criterion -> backward."""
     from fairseq_pdd.criterions.distillation import STATS_KEY
-    from fairseq_pdd.teachers import TeacherEnsemble
+    from fairseq_pdd.teachers.ensemble import TeacherEnsemble
 
     criterion = build_criterion(name, task)
     ensembles = {}  # one TeacherEnsemble per teacher list (it moves its models once)
@@ -196,7 +196,7 @@ def make_fused_step(name: str, task):
 
 def materialized_rkl_step(student, teachers, sample, pad: int) -> torch.Tensor:
     """Authors' style PD-EnD2: B x T x M x V float64 ensemble tensor, loss by float64 autograd."""
-    from fairseq_pdd.dirichlet import EPS_LOSS, concentrations
+    from fairseq_pdd.distill.dirichlet import EPS_LOSS, concentrations
 
     net_input = sample["net_input"]
     mask = sample["target"].ne(pad)
@@ -224,9 +224,9 @@ def materialized_rkl_step(student, teachers, sample, pad: int) -> torch.Tensor:
 
 def build_cache(args, teachers, sample, pad: int, directory: str):
     """Write the teacher cache of ``sample`` (its B sentences) from ``teachers``; return it opened."""
-    from fairseq_pdd.cache_format import open_cache, scalar_columns, topk_to_arrays, write_cache
-    from fairseq_pdd.teachers import TeacherEnsemble
-    from fairseq_pdd.topk_stats import STORAGE_DTYPES, compress
+    from fairseq_pdd.teachers.cache_format import open_cache, scalar_columns, topk_to_arrays, write_cache
+    from fairseq_pdd.teachers.ensemble import TeacherEnsemble
+    from fairseq_pdd.distill.topk_stats import STORAGE_DTYPES, compress
 
     mask = sample["target"].ne(pad)
     with torch.no_grad():
@@ -244,7 +244,7 @@ def build_cache(args, teachers, sample, pad: int, directory: str):
 def make_cache_step(task, cache, sample):
     """PD-EnD2 from the cache as the ``distillation`` task runs it: top-k to device, expand, criterion."""
     from fairseq_pdd.criterions.distillation import STATS_KEY
-    from fairseq_pdd.topk_stats import expand
+    from fairseq_pdd.distill.topk_stats import expand
 
     criterion = build_criterion("rkl", task)
     topk = cache.topk(cache.rows(sample["id"].cpu().numpy()))  # what the data loader's collater gives

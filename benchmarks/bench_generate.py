@@ -4,7 +4,7 @@
 One run:
 
 1. unless ``--data``/``--ensemble``/``--student`` are given, builds the toy corpus
-   (:func:`fairseq_pdd.toy_data.write_corpus`, ``--test`` sentences in the test split, default 1000),
+   (:func:`fairseq_pdd.data.toy_mt.write_corpus`, ``--test`` sentences in the test split, default 1000),
    binarises it (subset ``test``, plus subset ``test1`` = the first test sentence alone), trains two tiny
    Transformer teachers with ``fairseq-train`` and a tiny PD-EnD2 student with ``--task distillation``;
 2. times, in subprocesses with ``OMP_NUM_THREADS=1``, wall clock, ``--repeats`` rounds that visit every
@@ -50,7 +50,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from fairseq_pdd.cli import user_dir  # noqa: E402
-from fairseq_pdd.toy_data import TINY_TRAINING, TINY_TRANSFORMER, write_corpus  # noqa: E402
+from fairseq_pdd.data.toy_mt import TINY_TRAINING, TINY_TRANSFORMER, write_corpus  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 VARIANTS = {  # name -> (tool, extra options)

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Register the criteria and tasks with fairseq and install the checkpoint allow-list (idempotent)."""
-    from fairseq_pdd import checkpoints
+    from fairseq_pdd.teachers import checkpoints
 
     checkpoints.install()
     from fairseq_pdd import criterions, models, tasks  # noqa: F401  (registration on first import)

@@ -150,7 +150,7 @@ recipe_arrays() {
   gen_args+=(--required-batch-size-multiple 1)
 }
 
-# pdd_script FILE ARGS...: a fairseq-free tool of the plugin (mt_data.py, librispeech.py,
+# pdd_script FILE ARGS...: a fairseq-free tool of the plugin (data/mt_text.py, data/librispeech.py,
 # evaluation/ood_sets.py) run as a script, the same as `python -m fairseq_pdd.<module>` minus the
 # package's import of fairseq (~4 s per call); PYTHONSAFEPATH keeps the plugin folder off sys.path.
 pdd_script() {

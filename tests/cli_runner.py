@@ -12,9 +12,9 @@ from typing import List, Sequence
 
 import torch
 
-from fairseq_pdd.checkpoints import load_checkpoint
+from fairseq_pdd.teachers.checkpoints import load_checkpoint
 from fairseq_pdd.cli import user_dir
-from fairseq_pdd.toy_data import TINY_TRAINING, TINY_TRANSFORMER
+from fairseq_pdd.data.toy_mt import TINY_TRAINING, TINY_TRANSFORMER
 
 BIN = os.path.dirname(sys.executable)
 
@@ -216,7 +216,7 @@ ASR_DECODE = ["--beam", "5", "--batch-size", "64", "--required-batch-size-multip
 
 def asr_train(data: str, save_dir: str, cwd: str, extra: Sequence[str], expect_failure: bool = False):
     """fairseq-train with the tiny VGG-Transformer on prepared speech data."""
-    from fairseq_pdd import asr_toy_data
+    from fairseq_pdd.data import toy_asr as asr_toy_data
 
     return run("fairseq-train", [data, "--user-dir", user_dir(), *asr_toy_data.TINY_VGG_TRANSFORMER,
                                  *asr_toy_data.TINY_ASR_TRAINING, "--save-dir", save_dir, *extra], cwd, expect_failure)

@@ -13,8 +13,8 @@ from cli_runner import (  # noqa: E402
     ASR_EPOCHS, ASR_N_OOD, ASR_SIZES, STUDENT_EPOCHS, asr_train, distil, generate_bleu, preprocess, run, train,
 )
 
-from fairseq_pdd import asr_toy_data  # noqa: E402
-from fairseq_pdd.toy_data import write_corpus  # noqa: E402
+from fairseq_pdd.data import toy_asr as asr_toy_data  # noqa: E402
+from fairseq_pdd.data.toy_mt import write_corpus  # noqa: E402
 
 
 @dataclass
@@ -78,7 +78,7 @@ def toy_asr(tmp_path_factory) -> ToySpeech:
     root = str(tmp_path_factory.mktemp("toy_asr"))
     raw = asr_toy_data.write_corpus(os.path.join(root, "raw"), ASR_SIZES, ood=ASR_N_OOD, seed=1)
     data = os.path.join(root, "data")
-    prep = run(sys.executable, ["-m", "fairseq_pdd.librispeech", "--root", raw, "--subsets", "train,dev,test,ood",
+    prep = run(sys.executable, ["-m", "fairseq_pdd.data.librispeech", "--root", raw, "--subsets", "train,dev,test,ood",
                                 "--out-dir", data, "--vocab-size", str(asr_toy_data.TOY_VOCAB_SIZE)], root)
     teachers = [os.path.join(root, f"teacher{s}", "checkpoint_last.pt") for s in (1, 2)]
     args = ["--task", "speech_to_text", "--criterion", "cross_entropy", "--max-epoch", ASR_EPOCHS]

@@ -1,7 +1,7 @@
 """Speech recognition end to end through the real CLIs, on a synthetic corpus written as FLAC in
-LibriSpeech's layout (:mod:`fairseq_pdd.asr_toy_data`):
+LibriSpeech's layout (:mod:`fairseq_pdd.data.toy_asr`):
 
-preparation (``python -m fairseq_pdd.librispeech``) -> two tiny VGG-Transformer teachers
+preparation (``python -m fairseq_pdd.data.librispeech``) -> two tiny VGG-Transformer teachers
 (``fairseq-train --task speech_to_text``) -> a PD-EnD2 student (``--task asr_distillation``) ->
 decoding with WER (``fairseq-generate --scoring wer``; ``fairseq-pdd-generate`` with uncertainties,
 in-domain and on an out-of-domain subset) -> ``fairseq-pdd-evaluate --task asr``.
@@ -27,8 +27,8 @@ import yaml
 from cli_runner import ASR_EPOCHS, ASR_N_OOD, ASR_SIZES, asr_generate, asr_train, asr_wer, run
 
 import fairseq_pdd
-from fairseq_pdd import asr_toy_data as toy
-from fairseq_pdd.librispeech import PreparationError, main as prepare_main, prepare
+from fairseq_pdd.data import toy_asr as toy
+from fairseq_pdd.data.librispeech import PreparationError, main as prepare_main, prepare
 
 NBEST = 3
 SUBSETS = {"test": ASR_SIZES["test"], "ood": ASR_N_OOD}
@@ -175,7 +175,7 @@ def test_global_cmvn_and_resume(tmp_path, caplog):
     os.remove(os.path.join(folder, files[0]))
     with open(os.path.join(folder, files[1]), "r+b") as f:
         f.truncate(100)
-    with caplog.at_level("INFO", logger="fairseq_pdd.librispeech"):
+    with caplog.at_level("INFO", logger="fairseq_pdd.data.librispeech"):
         prepare(raw, ["train"], out, vocab_size=20, cmvn="global")
     assert "train: 12 utterances, 2 featurised now, 10 already done" in caplog.text
     for name, (mtime, array) in before.items():
@@ -331,7 +331,7 @@ def data40(asr, tmp_path_factory):
 
 
 def test_teachers_trained_on_other_features_or_vocabulary(asr, data40, tmp_path):
-    from fairseq_pdd.teachers import TeacherEnsemble, TeacherError
+    from fairseq_pdd.teachers.ensemble import TeacherEnsemble, TeacherError
 
     with pytest.raises(TeacherError, match=re.escape(
             f"teacher {asr.teachers[0]} was trained on 80-dim speech features but the task's data has 40-dim ones")):

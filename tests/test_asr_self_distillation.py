@@ -2,10 +2,10 @@
 
 The previous generation is a trained VGG-Transformer of the shared fixture ``toy_asr``. One step:
 ``fairseq-train --task asr_distillation --ensemble-paths PREVIOUS --criterion gt_mixed_self_distillation``
-(a = 0.5, and the a = 0 student that ``python -m fairseq_pdd.estimate_gt_weight`` mixes with the
+(a = 0.5, and the a = 0 student that ``python -m fairseq_pdd.self_distillation.estimate_gt_weight`` mixes with the
 previous generation, standing in for the step-0 model, to choose ``a`` on the dev subset), decoding
 with ``fairseq-pdd-generate --scoring wer --uncertainty-reference`` and the per-step table of
-``python -m fairseq_pdd.chain_report --task asr``; and a dry run of the recipe's speech mode.
+``python -m fairseq_pdd.self_distillation.chain_report --task asr``; and a dry run of the recipe's speech mode.
 
 Measured here: the previous generation (8 epochs) decodes the test subset at WER 62 %, the a = 0.5
 student (3 epochs from scratch) at 90 %, an untrained model at about 270 % (tests/test_asr.py).
@@ -21,9 +21,9 @@ import pytest
 import torch
 from cli_runner import asr_generate, asr_train, asr_wer, dry_run_recipe, last_valid, run
 
-from fairseq_pdd import asr_toy_data as toy
-from fairseq_pdd import estimate_gt_weight
-from fairseq_pdd.checkpoints import load_raw_checkpoint
+from fairseq_pdd.data import toy_asr as toy
+from fairseq_pdd.self_distillation import estimate_gt_weight
+from fairseq_pdd.teachers.checkpoints import load_raw_checkpoint
 
 STUDENT_EPOCHS = "3"
 GT_WEIGHT = 0.5
@@ -73,14 +73,14 @@ def step(toy_asr, tmp_path_factory):
         decode0 = pool.submit(out.decode, 0, out.previous)
         out.logs["step1-a0"] = a0.result()
         estimate = pool.submit(run, sys.executable, [
-            "-m", "fairseq_pdd.estimate_gt_weight", out.data, "--path-a0", out.checkpoint("step1-a0"),
+            "-m", "fairseq_pdd.self_distillation.estimate_gt_weight", out.data, "--path-a0", out.checkpoint("step1-a0"),
             "--path-a1", out.previous, "--subset", "dev", "--max-tokens", "300"], out.root)
         out.logs["step1"] = step1.result()
         decode1 = pool.submit(out.decode, 1, out.checkpoint("step1"))
         out.decodes = {0: decode0.result(), 1: decode1.result()}
         out.estimate = json.loads(estimate.result().stdout)
     report = os.path.join(out.root, "chain.json")
-    out.table = run(sys.executable, ["-m", "fairseq_pdd.chain_report", out.jsonl(0), out.jsonl(1),
+    out.table = run(sys.executable, ["-m", "fairseq_pdd.self_distillation.chain_report", out.jsonl(0), out.jsonl(1),
                                      "--gt-weights", f"1,{GT_WEIGHT}", "--task", "asr", "--json", report],
                     out.root).stdout
     with open(report) as f:
@@ -129,20 +129,20 @@ def test_speech_recipe_dry_run(tmp_path):
     """TASK=asr: the toy speech corpus with noisy transcripts, speech_to_text for step 0 and
     asr_distillation for the students, a chosen on the dev subset, decoding with WER, the table with WER."""
     lines = dry_run_recipe("self_distillation", tmp_path, TASK="asr", STEPS="2").splitlines()
-    assert "-m fairseq_pdd.asr_toy_data work/raw " in lines[1] and "--label-noise 0.3" in lines[1]
-    assert "-m fairseq_pdd.librispeech --root work/raw --subsets train\\,dev\\,test" in lines[2]
+    assert "-m fairseq_pdd.data.toy_asr work/raw " in lines[1] and "--label-noise 0.3" in lines[1]
+    assert "-m fairseq_pdd.data.librispeech --root work/raw --subsets train\\,dev\\,test" in lines[2]
     trains = [line for line in lines if line.startswith("fairseq-train work/data ")]
     assert len(trains) == 5  # step 0, and per step the a = 0 student and the student
     assert all("--arch pdd_vggtransformer_tiny" in t and "--train-subset train --valid-subset dev" in t for t in trains)
     assert "--task speech_to_text --criterion cross_entropy" in trains[0]
     assert all("--task asr_distillation" in t and "--criterion gt_mixed_self_distillation" in t for t in trains[1:])
     assert "--ensemble-paths work/step1/checkpoint_last.pt" in trains[-1]
-    estimates = [line for line in lines if "fairseq_pdd.estimate_gt_weight" in line]
+    estimates = [line for line in lines if "fairseq_pdd.self_distillation.estimate_gt_weight" in line]
     assert len(estimates) == 2 and all("--subset dev" in e for e in estimates)
     decodes = [line for line in lines if line.startswith("fairseq-pdd-generate")]
     assert len(decodes) == 3 and all("--gen-subset test" in d and "--task speech_to_text --scoring wer" in d
                                      for d in decodes)
-    assert "fairseq_pdd.chain_report" in lines[-1] and "--task asr" in lines[-1]
+    assert "fairseq_pdd.self_distillation.chain_report" in lines[-1] and "--task asr" in lines[-1]
 
 
 def test_speech_recipe_dry_run_on_prepared_librispeech(tmp_path):
@@ -150,7 +150,7 @@ def test_speech_recipe_dry_run_on_prepared_librispeech(tmp_path):
     text = dry_run_recipe("self_distillation", tmp_path, TASK="asr", STEPS="1", GT_WEIGHT="0.6", DATA="ls/data",
                           TRAIN_SUBSET="train-clean-100", VALID_SUBSET="dev-clean", EVAL_SUBSET="test-clean")
     lines = text.splitlines()
-    assert not any("asr_toy_data" in line or "fairseq_pdd.librispeech" in line for line in lines)
+    assert not any("asr_toy_data" in line or "fairseq_pdd.data.librispeech" in line for line in lines)
     trains = [line for line in lines if line.startswith("fairseq-train ls/data ")]
     assert len(trains) == 2 and "--gt-weight 0.6" in trains[1]
     assert all("--train-subset train-clean-100 --valid-subset dev-clean" in t for t in trains)

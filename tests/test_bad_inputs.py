@@ -7,9 +7,9 @@ import pytest
 import torch
 from cli_runner import preprocess, run, train
 
-from fairseq_pdd.checkpoints import load_raw_checkpoint
+from fairseq_pdd.teachers.checkpoints import load_raw_checkpoint
 from fairseq_pdd.cli import user_dir
-from fairseq_pdd.toy_data import write_corpus
+from fairseq_pdd.data.toy_mt import write_corpus
 
 ONE_STEP = ["--max-update", "1", "--max-epoch", "1"]
 

@@ -17,8 +17,8 @@ import torch
 
 from cli_runner import run, train
 
-from fairseq_pdd.bdistil_cli import acceptance, last_valid_metrics, main as bdistil_cli
-from fairseq_pdd.checkpoints import CheckpointError
+from fairseq_pdd.bdistil.cli import acceptance, last_valid_metrics, main as bdistil_cli
+from fairseq_pdd.teachers.checkpoints import CheckpointError
 from fairseq_pdd.cli import user_dir
 from fairseq_pdd.models.bdistil_members import MemberError
 

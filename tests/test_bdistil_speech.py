@@ -13,7 +13,7 @@ import pytest
 
 from cli_runner import asr_generate, asr_train, asr_wer, dry_run_recipe
 
-from fairseq_pdd.bdistil_cli import last_valid_metrics
+from fairseq_pdd.bdistil.cli import last_valid_metrics
 from fairseq_pdd.cli import user_dir
 from fairseq_pdd.models.bdistil_members import MemberError
 
@@ -105,7 +105,7 @@ def test_recipe_speech_mode_dry_run(tmp_path):
     """``TASK=speech`` prepares the toy speech corpus, trains, distils and scores (WER) speech models, and
     decodes the boosted ensemble with early stopping too."""
     commands = dry_run_recipe("bdistil", str(tmp_path), TASK="speech")
-    for expected in ("-m fairseq_pdd.asr_toy_data", "-m fairseq_pdd.librispeech", "--arch pdd_vggtransformer_tiny",
+    for expected in ("-m fairseq_pdd.data.toy_asr", "-m fairseq_pdd.data.librispeech", "--arch pdd_vggtransformer_tiny",
                      "--arch bdistil_pdd_vggtransformer_tiny", "--task asr_distillation", "--scoring wer",
                      "--task speech_to_text --gen-subset test", "fairseq-pdd-generate", "bdistil_early_stop_confidence"):
         assert expected in commands, expected

@@ -1,10 +1,10 @@
-"""The B-DISTIL-style boosting math (fairseq_pdd.boosting) against independent oracles."""
+"""The B-DISTIL-style boosting math (fairseq_pdd.bdistil.boosting) against independent oracles."""
 import math
 
 import pytest
 import torch
 
-from fairseq_pdd import boosting
+from fairseq_pdd.bdistil import boosting
 
 
 def _rand(n=6, v=7, seed=0):

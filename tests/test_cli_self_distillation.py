@@ -3,7 +3,7 @@
 Step 0 (cross-entropy) memorises the label noise; the step-1 students, trained with
 ``--criterion gt_mixed_self_distillation`` against step 0 (``--task distillation --ensemble-paths``),
 must predict the *clean* validation references better. ``a`` is chosen by
-``python -m fairseq_pdd.estimate_gt_weight`` from the a = 0 student and step 0.
+``python -m fairseq_pdd.self_distillation.estimate_gt_weight`` from the a = 0 student and step 0.
 
 Measured with this setup (seeds 1-4 of corpus and training), clean validation NLL in bits/token:
 step 0 3.40-3.76, a = 0 student 2.79-3.05, a = 0.5 student 2.97-3.24: gaps of >= 0.37 bits, asserted here
@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 from cli_runner import dry_run_recipe, last_valid, preprocess, train
 
-from fairseq_pdd import estimate_gt_weight
+from fairseq_pdd.self_distillation import estimate_gt_weight
 from fairseq_pdd.criterions.self_distillation import GtMixedSelfDistillation, GtMixedSelfDistillationConfig
-from fairseq_pdd.toy_data import write_corpus
+from fairseq_pdd.data.toy_mt import write_corpus
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 40
@@ -68,7 +68,7 @@ def run_chain(root) -> Chain:
     """Step 0, the a = 0 student, the estimated a and the step-1 student with it."""
     chain = Chain(str(root))
     chain.student("step1-a0", 0)
-    chain.estimate = json.loads(python_module("fairseq_pdd.estimate_gt_weight", chain.estimate_args("nll"), chain.root))
+    chain.estimate = json.loads(python_module("fairseq_pdd.self_distillation.estimate_gt_weight", chain.estimate_args("nll"), chain.root))
     chain.gt_weight = round(chain.estimate["gt_weight"], 4)
     chain.student("step1", chain.gt_weight)
     return chain
@@ -124,9 +124,9 @@ def test_recipe_dry_run(tmp_path):
     lines = dry_run_recipe("self_distillation", tmp_path, STEPS="2").splitlines()
     trains = [line for line in lines if line.startswith("fairseq-train")]
     assert len(trains) == 5  # step 0, and per step the a = 0 student and the student
-    assert "fairseq_pdd.toy_data" in lines[1] and "--label-noise 0.3" in lines[1]
+    assert "fairseq_pdd.data.toy_mt" in lines[1] and "--label-noise 0.3" in lines[1]
     assert "--task translation --criterion cross_entropy" in trains[0]
     assert all("--task distillation" in t and "--train-subset train --valid-subset valid" in t for t in trains[1:])
-    assert sum("fairseq_pdd.estimate_gt_weight" in line for line in lines) == 2
+    assert sum("fairseq_pdd.self_distillation.estimate_gt_weight" in line for line in lines) == 2
     assert "--ensemble-paths work/step1/checkpoint_last.pt" in trains[-1]
-    assert "fairseq_pdd.chain_report" in lines[-1] and "--gt-weights 1\\,\\$A\\,\\$A --task mt" in lines[-1]
+    assert "fairseq_pdd.self_distillation.chain_report" in lines[-1] and "--gt-weights 1\\,\\$A\\,\\$A --task mt" in lines[-1]

@@ -26,14 +26,14 @@ from cli_runner import run
 
 from fairseq_pdd.cli import user_dir
 from fairseq_pdd.evaluation.ood_sets import make_permuted_set
-from fairseq_pdd.toy_data import write_unseen_vocabulary_split
+from fairseq_pdd.data.toy_mt import write_unseen_vocabulary_split
 
 N_SENTENCES = 100  #: size of the toy test split and of each OOD split
 NBEST = 3
 SETS = {"test": "test", "perm": "perm", "unseen": "unseen"}  #: set name -> JSONL stem
 DECODE = ["--beam", "5", "--nbest", str(NBEST), "--batch-size", "64", "--required-batch-size-multiple", "1",
           "--scoring", "sacrebleu", "--cpu"]
-#: sequence measures of both kinds of model (fairseq_pdd.uncertainty)
+#: sequence measures of both kinds of model (fairseq_pdd.decoding.uncertainty)
 COMMON_MEASURES = {"total_uncertainty", "data_uncertainty", "mutual_information", "epkl", "mkl", "nll",
                    "expected_nll", "nll_mkl", "log_prob", "score"}
 ENSEMBLE_ONLY = {"ep_total_uncertainty", "ep_mutual_information", "ep_epkl", "ep_mkl", "ep_nll", "ep_nll_mkl",

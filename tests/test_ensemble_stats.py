@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from fairseq_pdd import dirichlet
-from fairseq_pdd.ensemble_stats import EnsembleAccumulator, Workspace, ensemble_statistics
+from fairseq_pdd.distill import dirichlet
+from fairseq_pdd.distill.ensemble_stats import EnsembleAccumulator, Workspace, ensemble_statistics
 
 
 def member_log_probs(m, n=4, k=50, seed=0, scale=3.0):
@@ -183,7 +183,7 @@ def test_agreeing_members_give_non_negative_disagreement():
 def test_one_member_has_exactly_zero_disagreement():
     """M = 1: MI, EPKL, MKL (and the EP variants) are exactly 0, not float32 rounding noise whose ranking
     would give meaningless OOD / error-detection scores."""
-    from fairseq_pdd.uncertainty import EnsembleHypothesisAccumulator
+    from fairseq_pdd.decoding.uncertainty import EnsembleHypothesisAccumulator
 
     g = torch.Generator().manual_seed(0)
     log_probs = torch.log_softmax(torch.randn(3, 5, 50, generator=g) * 4, -1)

@@ -11,9 +11,9 @@ def _modules_after(statement: str) -> set:
 
 def test_pure_modules_do_not_import_fairseq():
     """The math, the evaluation and the toy data work (and start fast) without fairseq."""
-    modules = _modules_after("import fairseq_pdd.losses, fairseq_pdd.uncertainty, fairseq_pdd.ensemble_stats, "
-                             "fairseq_pdd.toy_data, fairseq_pdd.evaluation.cli, fairseq_pdd.cli")
-    assert "fairseq_pdd.losses" in modules and "fairseq" not in modules
+    modules = _modules_after("import fairseq_pdd.distill.losses, fairseq_pdd.decoding.uncertainty, fairseq_pdd.distill.ensemble_stats, "
+                             "fairseq_pdd.data.toy_mt, fairseq_pdd.evaluation.cli, fairseq_pdd.cli")
+    assert "fairseq_pdd.distill.losses" in modules and "fairseq" not in modules
 
 
 def test_import_after_fairseq_registers_everything():

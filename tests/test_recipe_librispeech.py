@@ -1,6 +1,6 @@
 """The LibriSpeech recipe (recipes/librispeech/) run for real on a tiny synthetic corpus on CPU, and its dry run.
 
-The toy speech of ``fairseq_pdd.asr_toy_data`` is written under LibriSpeech's subset names, so every
+The toy speech of ``fairseq_pdd.data.toy_asr`` is written under LibriSpeech's subset names, so every
 stage script runs as on the real corpus: fbank80 + sentencepiece preparation (dev-clean extracted from
 its "downloaded" archive), two VGG-Transformer teachers (speech_to_text), a PD-EnD2 student
 (asr_distillation), fairseq-pdd-generate with WER on test-clean and two OOD sets, test-other (new
@@ -16,7 +16,7 @@ import tarfile
 import pytest
 from cli_runner import REPO, dry_run_recipe, recipe_env, rerun_commands, run_recipe
 
-from fairseq_pdd import asr_toy_data as toy
+from fairseq_pdd.data import toy_asr as toy
 from fairseq_pdd.cli import user_dir
 
 CRITERION = "rkl_dirichlet_proxy_distillation"

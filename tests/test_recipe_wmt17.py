@@ -1,6 +1,6 @@
 """The WMT17 En-De recipe (recipes/wmt17_en_de/) run for real on a tiny corpus on CPU, and its dry run.
 
-The synthetic corpus of ``fairseq_pdd.toy_data`` is written in the recipe's RAW_DIR layout (the WMT
+The synthetic corpus of ``fairseq_pdd.data.toy_mt`` is written in the recipe's RAW_DIR layout (the WMT
 file names), so every stage script runs as on the real data: sentencepiece, fairseq-preprocess,
 two teachers, the ensemble's translations of train as the distillation set, a PD-EnD2 student,
 fairseq-pdd-generate and fairseq-pdd-evaluate. Only the sizes (model, vocabulary, updates) shrink.
@@ -13,9 +13,9 @@ import tarfile
 import pytest
 
 from cli_runner import REPO, dry_run_recipe, recipe_env, rerun_commands, run_recipe
-from fairseq_pdd import mt_data
+from fairseq_pdd.data import mt_text as mt_data
 from fairseq_pdd.cli import user_dir
-from fairseq_pdd.toy_data import TINY_TRANSFORMER, write_corpus
+from fairseq_pdd.data.toy_mt import TINY_TRANSFORMER, write_corpus
 
 RECIPE = os.path.join(REPO, "recipes", "wmt17_en_de")
 CORPORA = ["europarl-v7.de-en", "commoncrawl.de-en", "news-commentary-v12.de-en"]

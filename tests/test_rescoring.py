@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fairseq_pdd.rescoring import MAX_PADDED_RATIO, HypothesisBatch, length_buckets
+from fairseq_pdd.decoding.rescoring import MAX_PADDED_RATIO, HypothesisBatch, length_buckets
 
 
 @pytest.mark.parametrize("seed", range(5))

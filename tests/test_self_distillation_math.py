@@ -7,10 +7,13 @@ import torch
 from sklearn.metrics.pairwise import rbf_kernel
 from torch.distributions import Categorical, kl_divergence
 
-from fairseq_pdd import chain_report, fused, gt_weight, kernel_ridge
-from fairseq_pdd.self_distillation import DIAGNOSTICS, mixed_target_loss
-from fairseq_pdd.teachers import TeacherEnsemble, TeacherError
-from fairseq_pdd.toy_data import write_corpus
+from fairseq_pdd.self_distillation import chain_report
+from fairseq_pdd.distill import fused
+from fairseq_pdd.self_distillation import gt_weight
+from fairseq_pdd.self_distillation import kernel_ridge
+from fairseq_pdd.self_distillation.loss import DIAGNOSTICS, mixed_target_loss
+from fairseq_pdd.teachers.ensemble import TeacherEnsemble, TeacherError
+from fairseq_pdd.data.toy_mt import write_corpus
 
 N, V = 9, 13
 

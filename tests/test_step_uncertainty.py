@@ -4,8 +4,8 @@ re-scored teacher-forced (the oracles: :class:`EnsembleHypothesisAccumulator` an
 import pytest
 import torch
 
-from fairseq_pdd.step_uncertainty import DirichletStepUncertainty, EnsembleStepUncertainty, pad_columns
-from fairseq_pdd.uncertainty import EnsembleHypothesisAccumulator, dirichlet_hypothesis_measures
+from fairseq_pdd.decoding.step_uncertainty import DirichletStepUncertainty, EnsembleStepUncertainty, pad_columns
+from fairseq_pdd.decoding.uncertainty import EnsembleHypothesisAccumulator, dirichlet_hypothesis_measures
 
 EOS, BOS, K, ROWS, STEPS = 2, 2, 11, 6, 7
 

@@ -15,10 +15,10 @@ from fairseq import options, tasks
 from fairseq.criterions import CRITERION_DATACLASS_REGISTRY, CRITERION_REGISTRY
 
 import fairseq_pdd
-from fairseq_pdd import teacher_cache
-from fairseq_pdd.cache_format import HEADER, TeacherCacheError, open_cache
-from fairseq_pdd.teachers import TeacherEnsemble, load_teacher
-from fairseq_pdd.topk_stats import compress, expand
+from fairseq_pdd.teachers import build_cache as teacher_cache
+from fairseq_pdd.teachers.cache_format import HEADER, TeacherCacheError, open_cache
+from fairseq_pdd.teachers.ensemble import TeacherEnsemble, load_teacher
+from fairseq_pdd.distill.topk_stats import compress, expand
 
 fairseq_pdd.register()  # the plugin's tasks and criteria, and the weights-only allow-list
 
@@ -43,7 +43,7 @@ def make_task(data: str, *extra: str):
 def build_cache(toy_mt, cache_dir, *extra, expect_failure=False):
     return run(
         "python",
-        ["-m", "fairseq_pdd.teacher_cache", toy_mt.data, "--ensemble-paths", ":".join(toy_mt.teachers),
+        ["-m", "fairseq_pdd.teachers.build_cache", toy_mt.data, "--ensemble-paths", ":".join(toy_mt.teachers),
          "--cache-dir", cache_dir, "--cpu", "--max-tokens", "2000", "--no-progress-bar", *extra],
         toy_mt.root,
         expect_failure,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.distributions import Categorical, Dirichlet, kl_divergence
 
-from fairseq_pdd import uncertainty as U
-from fairseq_pdd.ensemble_stats import ensemble_statistics
+from fairseq_pdd.decoding import uncertainty as U
+from fairseq_pdd.distill.ensemble_stats import ensemble_statistics
 
 # ---------------------------------------------------------------------------------------------
 # Dirichlet: closed forms

@@ -8,7 +8,7 @@ import pytest
 import torch
 from fairseq.data import Dictionary
 
-from fairseq_pdd.uncertainty_jsonl import JsonlWriter, NonFiniteMeasureError, SymbolText, measure_arrays
+from fairseq_pdd.decoding.jsonl import JsonlWriter, NonFiniteMeasureError, SymbolText, measure_arrays
 
 
 @pytest.fixture

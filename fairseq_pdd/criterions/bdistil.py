@@ -1,6 +1,6 @@
 """``--criterion bdistil_residual_kd``: train the newest member of a ``bdistil_*`` model (fairseq glue).
 
-The math is in :mod:`fairseq_pdd.boosting`. With the teacher's token distribution ``q`` (the
+The math is in :mod:`fairseq_pdd.bdistil.boosting`. With the teacher's token distribution ``q`` (the
 ``distillation`` task's ensemble mean over ``--ensemble-paths``; one path for a single teacher) at
 the N non-padding target positions, the frozen members 1..k-1 give the prefix errors
 ``e_s = KL(q || p_s)``, the weights ``w = exp(eta * sum_{s<k} min(e_s, c))`` (mean 1 per batch) and
@@ -22,7 +22,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
-from fairseq_pdd import boosting
+from fairseq_pdd.bdistil import boosting
 from fairseq_pdd.criterions.distillation import STATS_KEY, NonFiniteError
 
 SUMMED = ("kl_teacher", "kl_prefix", "wkl_teacher", "wkl_prefix", "agreement")

@@ -1,4 +1,4 @@
-"""The four ensemble-distillation criteria as fairseq criteria (thin glue over :mod:`fairseq_pdd.losses`).
+"""The four ensemble-distillation criteria as fairseq criteria (thin glue over :mod:`fairseq_pdd.distill.losses`).
 
 They read the ensemble's streamed statistics that the ``distillation`` task attaches to each sample
 (``sample["ensemble_stats"]``, over the non-padding target positions in row-major order), select
@@ -22,9 +22,9 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 from omegaconf import II
 
-from fairseq_pdd import losses
-from fairseq_pdd.dirichlet import PARAMETRIZATIONS, TARGET_CONCENTRATIONS, concentrations, proxy_precision
-from fairseq_pdd.ensemble_stats import EnsembleStatistics
+from fairseq_pdd.distill import losses
+from fairseq_pdd.distill.dirichlet import PARAMETRIZATIONS, TARGET_CONCENTRATIONS, concentrations, proxy_precision
+from fairseq_pdd.distill.ensemble_stats import EnsembleStatistics
 
 STATS_KEY = "ensemble_stats"
 ENSEMBLE_LOGS = ("ensemble_mkl", "ensemble_epkl", "ensemble_mi", "ensemble_precision", "ensemble_log_precision")

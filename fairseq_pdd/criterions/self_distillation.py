@@ -1,6 +1,6 @@
 """``--criterion gt_mixed_self_distillation``: self-distillation with ground-truth mixing (fairseq glue).
 
-Trains the student against ``a * onehot(y) + (1 - a) * q`` (see :mod:`fairseq_pdd.self_distillation`
+Trains the student against ``a * onehot(y) + (1 - a) * q`` (see :mod:`fairseq_pdd.self_distillation.loss`
 for the loss, its gradient and the options), where ``q`` is the frozen previous-generation model:
 run it with ``--task distillation --ensemble-paths PREVIOUS.pt`` (speech: ``--task asr_distillation``;
 any task with the teacher mixin), which loads the teacher weights-only, checks its dictionaries, and attaches
@@ -26,7 +26,7 @@ from fairseq.logging import metrics
 from omegaconf import II
 
 from fairseq_pdd.criterions.distillation import NonFiniteError
-from fairseq_pdd.self_distillation import DIAGNOSTICS, LOSSES, check_options, mixed_target_loss
+from fairseq_pdd.self_distillation.loss import DIAGNOSTICS, LOSSES, check_options, mixed_target_loss
 
 TEACHER_LOG_PROBS_KEY = "teacher_log_probs"
 #: Logged names of the diagnostics columns (nats per token), in the order of ``DIAGNOSTICS``.

@@ -43,11 +43,11 @@ from fairseq.models import (
     register_model_architecture,
 )
 
-from fairseq_pdd import boosting
-from fairseq_pdd.boosting import ProductOfExperts
+from fairseq_pdd.bdistil import boosting
+from fairseq_pdd.bdistil.boosting import ProductOfExperts
 from fairseq_pdd.models import vggtransformer  # noqa: F401  (registers the speech members' architectures)
 from fairseq_pdd.models.bdistil_members import BDISTIL_ARCHS, MemberError, feature_size, load_members
-from fairseq_pdd.teachers import split_paths
+from fairseq_pdd.teachers.ensemble import split_paths
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class PrefixDecoder(FairseqIncrementalDecoder):
         still uses (``prefix`` at the start). At this step the members run one after the other, each
         on the rows that use it and are not yet confident (``max_v p > early_stop`` for the members
         so far); a row confident after member j uses members 1..j from now on (the rule of
-        :func:`fairseq_pdd.boosting.members_used`). Member j's incremental state therefore holds
+        :func:`fairseq_pdd.bdistil.boosting.members_used`). Member j's incremental state therefore holds
         exactly the rows with ``used >= j``, in row order; before it runs, the rows that stopped
         earlier in this step are dropped from it, and :meth:`reorder_incremental_state_scripting`
         maps the beam's reordering onto it.

@@ -19,8 +19,8 @@ import torch
 from fairseq.models import build_model
 from omegaconf import OmegaConf, open_dict
 
-from fairseq_pdd.checkpoints import load_checkpoint
-from fairseq_pdd.teachers import TeacherError, check_checkpoint_dictionaries
+from fairseq_pdd.teachers.checkpoints import load_checkpoint
+from fairseq_pdd.teachers.ensemble import TeacherError, check_checkpoint_dictionaries
 
 #: Registered ``bdistil_*`` architectures -> the architecture of their members.
 BDISTIL_ARCHS: Dict[str, str] = {}

@@ -1,6 +1,6 @@
 """``--task asr_distillation``: fairseq's ``speech_to_text`` task with a frozen teacher ensemble.
 
-The data are fairseq's speech_to_text format (see :mod:`fairseq_pdd.librispeech`); teachers are
+The data are fairseq's speech_to_text format (see :mod:`fairseq_pdd.data.librispeech`); teachers are
 any checkpoints trained on the same data (e.g. ``--task speech_to_text --arch pdd_vggtransformer_2
 --criterion cross_entropy``), loaded weights-only and checked against the data's target dictionary
 and feature dimension. Train and valid samples carry the teachers' streamed statistics, which the

@@ -8,9 +8,9 @@ ensemble's statistics as ``sample["ensemble_stats"]``, or, for a criterion with
 distribution as ``sample["teacher_log_probs"]`` (one (N, V) buffer).
 
 With ``--teacher-cache DIR`` no teacher is loaded: every loaded subset is wrapped by
-:mod:`fairseq_pdd.cache_dataset` (refused if ``DIR/{subset}`` was built for other data, dictionaries
+:mod:`fairseq_pdd.teachers.cache_dataset` (refused if ``DIR/{subset}`` was built for other data, dictionaries
 or, when ``--ensemble-paths`` names them, other teachers), and the statistics are rebuilt on the
-step's device from the cached top-k (:func:`fairseq_pdd.topk_stats.expand`), so the criteria run
+step's device from the cached top-k (:func:`fairseq_pdd.distill.topk_stats.expand`), so the criteria run
 unchanged (a self-distillation criterion gets the log of the rebuilt mean).
 """
 import logging
@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fairseq_pdd import cache_dataset
-from fairseq_pdd.cache_format import teacher_fingerprint
+from fairseq_pdd.teachers import cache_dataset
+from fairseq_pdd.teachers.cache_format import teacher_fingerprint
 from fairseq_pdd.criterions.distillation import STATS_KEY
 from fairseq_pdd.criterions.self_distillation import TEACHER_LOG_PROBS_KEY
-from fairseq_pdd.teachers import TeacherEnsemble, TeacherError, split_paths
-from fairseq_pdd.topk_stats import expand
+from fairseq_pdd.teachers.ensemble import TeacherEnsemble, TeacherError, split_paths
+from fairseq_pdd.distill.topk_stats import expand
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class TeacherEnsembleConfig:
     teacher_cache: str = field(
         default="",
         metadata={"help": "train from the offline teacher cache in this directory (one folder per "
-                  "subset, built by python -m fairseq_pdd.teacher_cache); no teacher is loaded"},
+                  "subset, built by python -m fairseq_pdd.teachers.build_cache); no teacher is loaded"},
     )
     teacher_cache_skip_checksums: bool = field(
         default=False, metadata={"help": "check only the sizes of the cache's arrays, not their sha256"}

@@ -77,14 +77,14 @@ LOG="$WORK/logs"
 
 if [ "$TASK" = translation ]; then
   stage "corpus and fairseq-preprocess -> $WORK/bin"
-  [ -f "$WORK/raw/test.tgt" ] || run "$LOG/corpus.log" $PY -m fairseq_pdd.toy_data "$WORK/raw" --seed "$SEED"
+  [ -f "$WORK/raw/test.tgt" ] || run "$LOG/corpus.log" $PY -m fairseq_pdd.data.toy_mt "$WORK/raw" --seed "$SEED"
   [ -f "$WORK/bin/test.src-tgt.tgt.idx" ] || run "$LOG/preprocess.log" fairseq-preprocess --source-lang src \
     --target-lang tgt --trainpref "$WORK/raw/train" --validpref "$WORK/raw/valid" --testpref "$WORK/raw/test" \
     --destdir "$WORK/bin" --joined-dictionary --workers 1
 else
   stage "speech corpus (LibriSpeech layout) and fairseq-pdd-prepare-librispeech -> $WORK/bin"
-  [ -d "$WORK/raw/test" ] || run "$LOG/corpus.log" $PY -m fairseq_pdd.asr_toy_data "$WORK/raw" --ood 0 --seed "$SEED"
-  [ -f "$WORK/bin/test.tsv" ] || run "$LOG/prepare.log" $PY -m fairseq_pdd.librispeech --root "$WORK/raw" \
+  [ -d "$WORK/raw/test" ] || run "$LOG/corpus.log" $PY -m fairseq_pdd.data.toy_asr "$WORK/raw" --ood 0 --seed "$SEED"
+  [ -f "$WORK/bin/test.tsv" ] || run "$LOG/prepare.log" $PY -m fairseq_pdd.data.librispeech --root "$WORK/raw" \
     --subsets train,dev,test --out-dir "$WORK/bin" --vocab-size 28
 fi
 
@@ -114,7 +114,7 @@ for k in $(seq 1 "$K"); do
     [ -f "$save/checkpoint_last.pt" ] || run "$LOG/round${k}_d$d.log" fairseq-train "$WORK/bin" \
       --user-dir "$USER_DIR" "${MEMBER[@]}" "${OPTIM[@]}" "${KD[@]}" ${extra[@]+"${extra[@]}"} \
       --seed $((SEED + 10 * k)) --save-dir "$save"
-    if [ "$DRY_RUN" = 1 ] || $PY -m fairseq_pdd.bdistil_cli accept "$LOG/round${k}_d$d.log" --gamma "$GAMMA"; then
+    if [ "$DRY_RUN" = 1 ] || $PY -m fairseq_pdd.bdistil.cli accept "$LOG/round${k}_d$d.log" --gamma "$GAMMA"; then
       accepted="$save/checkpoint_last.pt"; WIDTHS+=("$d"); break
     fi
   done
@@ -136,7 +136,7 @@ for k in $(seq 2 "$K"); do
   INDEPENDENT+=("$save/checkpoint_last.pt")
 done
 AVERAGE="$WORK/independent_average.pt"
-run "$LOG/assemble.log" $PY -m fairseq_pdd.bdistil_cli assemble "$AVERAGE" "${INDEPENDENT[@]}" --combine mean
+run "$LOG/assemble.log" $PY -m fairseq_pdd.bdistil.cli assemble "$AVERAGE" "${INDEPENDENT[@]}" --combine mean
 
 stage "baseline: one model of width $SINGLE_DIM"
 SINGLE="$WORK/single/checkpoint_last.pt"
@@ -169,7 +169,7 @@ evaluate() {
   seconds=$(sed -nE 's/.*Translated .* tokens\) in ([0-9.]+)s.*/\1/p' "$log")
   if [ "$name" = teacher ]; then
     kl=0; agreement=1; members=$M
-    params=0; for t in "${TEACHERS[@]}"; do params=$((params + $($PY -m fairseq_pdd.bdistil_cli params "$t"))); done
+    params=0; for t in "${TEACHERS[@]}"; do params=$((params + $($PY -m fairseq_pdd.bdistil.cli params "$t"))); done
   else
     if [ -n "$tau" ]; then
       members=$(sed -nE 's/^bdistil early stop .*: ([0-9.]+) members per hypothesis token.*/\1/p' "$log")
@@ -177,9 +177,9 @@ evaluate() {
       fairseq-validate "$WORK/bin" --user-dir "$USER_DIR" --task "$KD_TASK" "${VALID_TEST[@]}" --path "$path" \
         --max-tokens 2000 --required-batch-size-multiple 1 --cpu --model-overrides "$overrides" > "$LOG/valid_${name}_$k.log" 2>&1
       read -r kl agreement < <($PY -c 'import json,sys; m=json.load(sys.stdin); print(m["kl_teacher"], m["agreement"])' \
-        < <($PY -m fairseq_pdd.bdistil_cli metrics "$LOG/valid_${name}_$k.log"))
+        < <($PY -m fairseq_pdd.bdistil.cli metrics "$LOG/valid_${name}_$k.log"))
     fi
-    params=$($PY -m fairseq_pdd.bdistil_cli params "$path" --prefix "$k")
+    params=$($PY -m fairseq_pdd.bdistil.cli params "$path" --prefix "$k")
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name${tau:+ tau=$tau}" "$k" "$params" "$score" "$kl" "$agreement" "$seconds" "$members" >> "$ROWS"
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Stage 1: LibriSpeech -> fairseq speech_to_text data: 80-dim log-mel fbank features, TSV manifests, a
 # 5000-unit sentencepiece unigram vocabulary (trained on the train* subsets) and config.yaml with
-# utterance-level CMVN, as in the paper's ASR setup (fairseq_pdd/librispeech.py). Resumable: a
+# utterance-level CMVN, as in the paper's ASR setup (fairseq_pdd/data/librispeech.py). Resumable: a
 # finished preparation (config.yaml in DATA) is skipped; an interrupted one skips the utterances
 # already featurised.
 #   LIBRISPEECH=/data/LibriSpeech  OUT=runs/librispeech/data  bash recipes/librispeech/prepare.sh
@@ -36,10 +36,10 @@ for dir in $OOD_CORPORA; do  # checked before any work
   fi
 done
 
-# prepare_subsets ROOT SUBSET,...: fairseq_pdd/librispeech.py (the vocabulary is trained when a train*
+# prepare_subsets ROOT SUBSET,...: fairseq_pdd/data/librispeech.py (the vocabulary is trained when a train*
 # subset is named, else reused)
 prepare_subsets() {
-  pdd_script librispeech.py --root "$1" --subsets "$2" --out-dir "$DATA" --vocab-size "$VOCAB_SIZE" \
+  pdd_script data/librispeech.py --root "$1" --subsets "$2" --out-dir "$DATA" --vocab-size "$VOCAB_SIZE" \
     --num-mel-bins 80 --sample-rate 16000 --cmvn "$CMVN"
 }
 

@@ -5,15 +5,15 @@
 # gt_mixed_self_distillation against a * onehot(y) + (1 - a) * (step s-1), the previous step loaded
 # as the frozen teacher by --task distillation (speech: asr_distillation) --ensemble-paths. With
 # GT_WEIGHT=auto, a is chosen per step on the validation subset: an a = 0 student is trained and
-# python -m fairseq_pdd.estimate_gt_weight mixes it with step 0 (the a = 1 student). Each step is then
+# python -m fairseq_pdd.self_distillation.estimate_gt_weight mixes it with step 0 (the a = 1 student). Each step is then
 # decoded with fairseq-pdd-generate (beam search + the forced reference; speech: --scoring wer) and
-# python -m fairseq_pdd.chain_report prints the per-step table: a, BLEU (speech: WER), gold NLL,
+# python -m fairseq_pdd.self_distillation.chain_report prints the per-step table: a, BLEU (speech: WER), gold NLL,
 # entropy, accuracy, ECE.
 #
 # By default it runs on a toy corpus with noisy training labels (NOISE of the training target words
 # replaced at random; validation and test clean), a few minutes on a CPU: the toy translation corpus
-# (fairseq_pdd.toy_data), or for TASK=asr the toy speech corpus (fairseq_pdd.asr_toy_data, prepared by
-# fairseq_pdd.librispeech) and a tiny VGG-Transformer. To use your own data, set DATA to a
+# (fairseq_pdd.data.toy_mt), or for TASK=asr the toy speech corpus (fairseq_pdd.data.toy_asr, prepared by
+# fairseq_pdd.data.librispeech) and a tiny VGG-Transformer. To use your own data, set DATA to a
 # fairseq-preprocess'd directory (speech: prepared by recipes/librispeech/prepare.sh), the subsets, and
 # MODEL_ARGS / TRAIN_ARGS / GEN_ARGS to your options.
 #
@@ -103,14 +103,14 @@ if [ "$TOY" = 1 ]; then
   stage "toy $TASK corpus with label noise $NOISE on the training references -> $WORK/raw, $DATA"
   if [ "$DRY_RUN" = 1 ] || [ ! -f "$DATA/$DATA_MARKER" ]; then
     if [ "$TASK" = mt ]; then
-      run "$LOG/toy_data.log" "$PYTHON" -m fairseq_pdd.toy_data "$WORK/raw" --train "$TRAIN" --valid "$VALID" \
+      run "$LOG/toy_data.log" "$PYTHON" -m fairseq_pdd.data.toy_mt "$WORK/raw" --train "$TRAIN" --valid "$VALID" \
         --test "$TEST" --vocab-size "$VOCAB" --ambiguous-fraction 0 --label-noise "$NOISE" --seed "$SEED"
       run "$LOG/preprocess.log" fairseq-preprocess --source-lang src --target-lang tgt --trainpref "$WORK/raw/train" \
         --validpref "$WORK/raw/valid" --testpref "$WORK/raw/test" --destdir "$DATA" --joined-dictionary --workers 1
     else
-      run "$LOG/toy_data.log" "$PYTHON" -m fairseq_pdd.asr_toy_data "$WORK/raw" --train "$TRAIN" --dev "$VALID" \
+      run "$LOG/toy_data.log" "$PYTHON" -m fairseq_pdd.data.toy_asr "$WORK/raw" --train "$TRAIN" --dev "$VALID" \
         --test "$TEST" --ood 0 --label-noise "$NOISE" --seed "$SEED"
-      run "$LOG/prepare.log" "$PYTHON" -m fairseq_pdd.librispeech --root "$WORK/raw" --subsets train,dev,test \
+      run "$LOG/prepare.log" "$PYTHON" -m fairseq_pdd.data.librispeech --root "$WORK/raw" --subsets train,dev,test \
         --out-dir "$DATA" --vocab-size "$VOCAB"
     fi
   fi
@@ -128,11 +128,11 @@ for s in $(seq 1 "$STEPS"); do
     train "step$s-a0" "${distil[@]}" --gt-weight 0
     estimate="$WORK/step$s-a0/gt_weight.json"
     if [ "$DRY_RUN" = 1 ]; then
-      run "$estimate" "$PYTHON" -m fairseq_pdd.estimate_gt_weight "$DATA" --path-a0 "$(checkpoint "step$s-a0")" \
+      run "$estimate" "$PYTHON" -m fairseq_pdd.self_distillation.estimate_gt_weight "$DATA" --path-a0 "$(checkpoint "step$s-a0")" \
         --path-a1 "$(checkpoint step0)" --method "$GT_METHOD" --subset "$VALID_SUBSET"
       a='$A'
     else
-      [ -s "$estimate" ] || "$PYTHON" -m fairseq_pdd.estimate_gt_weight "$DATA" --path-a0 "$(checkpoint "step$s-a0")" \
+      [ -s "$estimate" ] || "$PYTHON" -m fairseq_pdd.self_distillation.estimate_gt_weight "$DATA" --path-a0 "$(checkpoint "step$s-a0")" \
         --path-a1 "$(checkpoint step0)" --method "$GT_METHOD" --subset "$VALID_SUBSET" > "$estimate" 2> "$LOG/step$s-estimate.log"
       a=$("$PYTHON" -c "import json, sys; print(round(json.load(open(sys.argv[1]))['gt_weight'], 4))" "$estimate")
     fi
@@ -156,8 +156,8 @@ done
 
 stage "per-step table on $EVAL_SUBSET (chain with GT_WEIGHT=$GT_WEIGHT)"
 if [ "$DRY_RUN" = 1 ]; then
-  printf '%q ' "$PYTHON" -m fairseq_pdd.chain_report "${JSONLS[@]}" --gt-weights "$WEIGHTS" --task "$TASK" --json "$WORK/chain.json" >&2
+  printf '%q ' "$PYTHON" -m fairseq_pdd.self_distillation.chain_report "${JSONLS[@]}" --gt-weights "$WEIGHTS" --task "$TASK" --json "$WORK/chain.json" >&2
   echo >&2
 else
-  "$PYTHON" -m fairseq_pdd.chain_report "${JSONLS[@]}" --gt-weights "$WEIGHTS" --task "$TASK" --json "$WORK/chain.json"
+  "$PYTHON" -m fairseq_pdd.self_distillation.chain_report "${JSONLS[@]}" --gt-weights "$WEIGHTS" --task "$TASK" --json "$WORK/chain.json"
 fi

@@ -114,7 +114,7 @@ done
 
 stage "1/5 prepare: joint sentencepiece model ($BPE_SIZE $SPM_MODEL_TYPE units) -> $SPM_MODEL"
 # shellcheck disable=SC2086
-done_already "$SPM_MODEL" || pdd_script mt_data.py spm-train \
+done_already "$SPM_MODEL" || pdd_script data/mt_text.py spm-train \
   --input "$TEXT/raw/train.$SRC" "$TEXT/raw/train.$TGT" --model-prefix "$SPM_PREFIX" --vocab-size "$BPE_SIZE" \
   --model-type "$SPM_MODEL_TYPE" --input-sentence-size "$SPM_INPUT_SENTENCES" --threads "$THREADS" $SPM_EXTRA
 
@@ -130,10 +130,10 @@ for split in "${splits[@]}"; do
   done
 done
 if [ "${#inputs[@]}" -gt 0 ]; then
-  pdd_script mt_data.py encode --model "$SPM_MODEL" --threads "$THREADS" \
+  pdd_script data/mt_text.py encode --model "$SPM_MODEL" --threads "$THREADS" \
     --input "${inputs[@]}" --output "${outputs[@]}"
 fi
-done_already "$TEXT/clean/train.$TGT" || pdd_script mt_data.py clean \
+done_already "$TEXT/clean/train.$TGT" || pdd_script data/mt_text.py clean \
   --source "$TEXT/spm/train.$SRC" --target "$TEXT/spm/train.$TGT" \
   --out-source "$TEXT/clean/train.$SRC" --out-target "$TEXT/clean/train.$TGT" \
   --min-len "$CLEAN_MIN_LEN" --max-len "$CLEAN_MAX_LEN" --ratio "$CLEAN_RATIO"

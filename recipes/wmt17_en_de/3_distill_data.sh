@@ -60,7 +60,7 @@ for split in train valid test; do
   done_already "$OUT/$split.$TGT" && continue
   if [ "$split" = train ]; then outputs=("${shards[@]}") source=$TEXT/clean/train.$SRC
   else outputs=("$GEN/$split.txt") source=$TEXT/spm/$split.$SRC; fi
-  pdd_script mt_data.py extract "${outputs[@]}" --source "$source" \
+  pdd_script data/mt_text.py extract "${outputs[@]}" --source "$source" \
     --out-source "$OUT/$split.$SRC" --out-target "$OUT/$split.$TGT"
 done
 

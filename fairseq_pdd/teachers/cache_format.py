@@ -1,7 +1,7 @@
 """On-disk format of the offline teacher cache: memory-mapped arrays, a JSON header, validation.
 
 One cached subset is a directory ``CACHE/{subset}/`` (written by ``python -m
-fairseq_pdd.teacher_cache``) holding ``.npy`` arrays, opened memory-mapped, with the rows of all
+fairseq_pdd.teachers.build_cache``) holding ``.npy`` arrays, opened memory-mapped, with the rows of all
 target tokens of the subset in dataset order (sentence 0's tokens, then sentence 1's, ...):
 
 =================  ==============  =========================================================
@@ -14,7 +14,7 @@ target tokens of the subset in dataset order (sentence 0's tokens, then sentence
 ``log_probs.npy``  f16/f32 (N, k)  mean member log-probability at ``ids`` (EnD2's NLL; optional)
 =================  ==============  =========================================================
 
-What the values mean and how they are used: :mod:`fairseq_pdd.topk_stats`. ``header.json`` records
+What the values mean and how they are used: :mod:`fairseq_pdd.distill.topk_stats`. ``header.json`` records
 the format version, the teachers (path and sha256 of each checkpoint file), sha256 of the source
 and target dictionaries' symbol lists, the subset with its number of sentences and tokens, k, the
 number of classes, the storage dtype, and for every array its dtype, shape, size in bytes and sha256.
@@ -35,7 +35,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from fairseq_pdd.topk_stats import TopKStatistics
+from fairseq_pdd.distill.topk_stats import TopKStatistics
 
 FORMAT = "fairseq_pdd.teacher_cache"
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@
 At decoding step t every beam row holds a prefix ``y_<t`` and the models' distributions over the next
 token. The measures of a finished hypothesis ``y_0 .. y_{L-1}`` (EOS last) are of two kinds:
 
-* *distribution* measures at position t (:data:`~fairseq_pdd.uncertainty.DIRICHLET_TOKEN_KEYS`, and for
+* *distribution* measures at position t (:data:`~fairseq_pdd.decoding.uncertainty.DIRICHLET_TOKEN_KEYS`, and for
   ensembles the expectation-of-products variants) depend only on ``y_<t``: they are computed at step t
   for every row;
 * *chosen-token* values at position t (the members' ``log p_m(y_t)``, or the student's ``alpha_y`` and
@@ -15,26 +15,26 @@ token. The measures of a finished hypothesis ``y_0 .. y_{L-1}`` (EOS last) are o
 
     [ distribution measures at t | chosen-token values of y_{t-1} | chosen-token values of EOS at t ]
 
-which the decoder carries along the beam (:mod:`fairseq_pdd.beam_uncertainty`);
+which the decoder carries along the beam (:mod:`fairseq_pdd.decoding.beam_uncertainty`);
 :meth:`StepUncertainty.hypothesis_measures` turns the columns (H, L, C) of finished hypotheses into the
-token (H, L) and sequence (H,) measures of :mod:`fairseq_pdd.uncertainty`, equal to those of re-scoring
-the hypotheses teacher-forced (:mod:`fairseq_pdd.rescoring`) without running the models again.
+token (H, L) and sequence (H,) measures of :mod:`fairseq_pdd.decoding.uncertainty`, equal to those of re-scoring
+the hypotheses teacher-forced (:mod:`fairseq_pdd.decoding.rescoring`) without running the models again.
 
 Between steps the beam is re-ordered: :meth:`StepUncertainty.reorder` gets fairseq's ``new_order`` (new
 row r continues old row ``new_order[r]``). The previous step's distributions are kept as they are and
 only the chosen entries are read through that index, so nothing (rows, K) is copied. Memory: those
 previous distributions live one step longer (for an ensemble M x rows x K, as large as the stack of
 member log-probabilities fairseq builds at every step itself); a step works in six (rows, K) buffers
-whatever M is, as members are streamed (:class:`~fairseq_pdd.ensemble_stats.EnsembleAccumulator`), and
-the buffers are kept from step to step (:class:`~fairseq_pdd.ensemble_stats.Workspace`).
+whatever M is, as members are streamed (:class:`~fairseq_pdd.distill.ensemble_stats.EnsembleAccumulator`), and
+the buffers are kept from step to step (:class:`~fairseq_pdd.distill.ensemble_stats.Workspace`).
 """
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from fairseq_pdd.ensemble_stats import EnsembleAccumulator, Workspace
-from fairseq_pdd.fused import compute_dtype
-from fairseq_pdd.uncertainty import (
+from fairseq_pdd.distill.ensemble_stats import EnsembleAccumulator, Workspace
+from fairseq_pdd.distill.fused import compute_dtype
+from fairseq_pdd.decoding.uncertainty import (
     DIRICHLET_TOKEN_KEYS,
     EP_TOKEN_KEYS,
     LOG_PROB_FLOOR,
@@ -122,7 +122,7 @@ class StepUncertainty:
 class EnsembleStepUncertainty(StepUncertainty):
     """An ensemble of M members; ``outputs`` is the list of their log-probabilities (rows, K).
 
-    Distribution columns: the five measures of :func:`~fairseq_pdd.uncertainty.ensemble_token_measures`
+    Distribution columns: the five measures of :func:`~fairseq_pdd.decoding.uncertainty.ensemble_token_measures`
     and its EP variants, whose predictive ``q_t = sum_m softmax_m(c_m) p_m`` weighs the members by
     ``c_m = sum_{s<t} log p_m(y_s)``, the per-row prefix log-probabilities kept here (float64, (rows, M)).
     Chosen-token values: ``log p_m(y)`` for every member.
@@ -163,7 +163,7 @@ class EnsembleStepUncertainty(StepUncertainty):
 class DirichletStepUncertainty(StepUncertainty):
     """A Dirichlet student; ``outputs`` is its concentrations ``alpha`` (rows, K).
 
-    Distribution columns: :data:`~fairseq_pdd.uncertainty.DIRICHLET_TOKEN_KEYS`; chosen-token values:
+    Distribution columns: :data:`~fairseq_pdd.decoding.uncertainty.DIRICHLET_TOKEN_KEYS`; chosen-token values:
     ``alpha_y`` and ``a0``.
     """
 

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from fairseq_pdd.fused import compute_dtype
+from fairseq_pdd.distill.fused import compute_dtype
 
 
 class ProductOfExperts:

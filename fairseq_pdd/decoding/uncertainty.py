@@ -6,7 +6,7 @@ to T positions, a boolean ``mask`` (B, T) of the hypothesis' tokens (EOS include
 hypotheses) and either
 
 * a Dirichlet student's concentrations ``alpha`` (B, T, K) and the chosen ``tokens`` (B, T), or
-* an ensemble's streamed :class:`~fairseq_pdd.ensemble_stats.EnsembleStatistics` (tensors (B, T) and
+* an ensemble's streamed :class:`~fairseq_pdd.distill.ensemble_stats.EnsembleStatistics` (tensors (B, T) and
   (B, T, K)) plus the members' log-probabilities of the chosen tokens (M, B, T);
   :class:`EnsembleHypothesisAccumulator` collects all of it member by member.
 
@@ -56,10 +56,10 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
-from fairseq_pdd.dirichlet import EPS_UNCERTAINTY
-from fairseq_pdd import ensemble_stats
-from fairseq_pdd.ensemble_stats import EnsembleAccumulator, EnsembleStatistics
-from fairseq_pdd.fused import CHUNK_ELEMENTS, compute_dtype
+from fairseq_pdd.distill.dirichlet import EPS_UNCERTAINTY
+from fairseq_pdd.distill import ensemble_stats
+from fairseq_pdd.distill.ensemble_stats import EnsembleAccumulator, EnsembleStatistics
+from fairseq_pdd.distill.fused import CHUNK_ELEMENTS, compute_dtype
 
 Measures = Dict[str, torch.Tensor]
 
@@ -387,7 +387,7 @@ def ensemble_hypothesis_measures(
 ) -> Tuple[Measures, Measures]:
     """Token measures (B, T) (0 at padding) and sequence measures (B,) of an ensemble's hypotheses.
 
-    ``stats`` has (B, T) statistics (feed :class:`~fairseq_pdd.ensemble_stats.EnsembleAccumulator`
+    ``stats`` has (B, T) statistics (feed :class:`~fairseq_pdd.distill.ensemble_stats.EnsembleAccumulator`
     with (B, T, K) log-probabilities), ``member_token_log_probs`` (M, B, T). Token keys:
     :data:`DIRICHLET_TOKEN_KEYS` + :data:`TARGET_KEYS` + :data:`EP_TARGET_KEYS` (+ :data:`EP_TOKEN_KEYS`
     with ``ep_mean_probs``). Sequence keys: their means, ``log_prob = sum_t log pbar(y_t)`` (PE),
@@ -419,7 +419,7 @@ class EnsembleHypothesisAccumulator:
 
     ``tokens`` (B, T) are the hypotheses (or references), ``mask`` (B, T) their positions. Each
     :meth:`add` takes one member's log-probabilities (B, T, K) at those positions (teacher-forced).
-    Memory: the four (B, T, K) buffers of :class:`~fairseq_pdd.ensemble_stats.EnsembleAccumulator`, plus
+    Memory: the four (B, T, K) buffers of :class:`~fairseq_pdd.distill.ensemble_stats.EnsembleAccumulator`, plus
     one for the EP predictive when ``expectation_of_products`` (exact online softmax over members:
     ``q <- q e^{Z - Z'} + p_m e^{c_m - Z'}``, ``Z' = logaddexp(Z, c_m)``), plus (M, B, T) chosen-token
     log-probabilities; the (B, T, K) ones from ``workspace`` when given (re-used by the next accumulator

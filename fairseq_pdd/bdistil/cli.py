@@ -1,4 +1,4 @@
-"""``python -m fairseq_pdd.bdistil_cli``: the small steps of building a progressive ensemble.
+"""``python -m fairseq_pdd.bdistil.cli``: the small steps of building a progressive ensemble.
 
 * ``accept LOG --gamma G``: the acceptance rule on the last ``valid on`` line of a ``fairseq-train`` or
   ``fairseq-validate`` log of ``--criterion bdistil_residual_kd``: accept member k iff its weighted
@@ -21,8 +21,8 @@ from typing import Dict, List
 import torch
 
 import fairseq_pdd
-from fairseq_pdd import boosting
-from fairseq_pdd.checkpoints import load_raw_checkpoint
+from fairseq_pdd.bdistil import boosting
+from fairseq_pdd.teachers.checkpoints import load_raw_checkpoint
 from fairseq_pdd.models.bdistil import COMBINES
 from fairseq_pdd.models.bdistil_members import BDISTIL_ARCHS, MemberError, split_members
 
@@ -118,7 +118,7 @@ def count_parameters(path: str, prefix: int = 0) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fairseq_pdd.bdistil_cli", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fairseq_pdd.bdistil.cli", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("accept", help="the acceptance rule on a validation log")
     p.add_argument("log")

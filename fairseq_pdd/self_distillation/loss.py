@@ -23,7 +23,7 @@ Losses per token (``loss="ce"``, the default, or ``"brier"``)::
 (the Brier form is the paper's squared error on softmax outputs; the mixed target equals its
 ``a * ||p - e||^2 + (1 - a) * ||p - q||^2`` up to a constant in ``z``). Neither builds ``m`` or the
 one-hot as an (N, V) tensor outside a chunk: the values and closed-form gradients are computed chunk
-by chunk by :func:`fairseq_pdd.fused.chunked_token_loss` (float32; float64 stays float64), which
+by chunk by :func:`fairseq_pdd.distill.fused.chunked_token_loss` (float32; float64 stays float64), which
 keeps only the (N, V) gradient for the backward pass.
 
 Per-token diagnostics (N, 5), columns :data:`DIAGNOSTICS`: gold NLL ``-log p_y`` (no smoothing),
@@ -34,7 +34,7 @@ from typing import Tuple
 
 import torch
 
-from fairseq_pdd.fused import chunked_token_loss
+from fairseq_pdd.distill.fused import chunked_token_loss
 
 LOSSES = ("ce", "brier")
 DIAGNOSTICS = ("nll", "teacher_ce", "teacher_kl", "student_entropy", "teacher_entropy")

@@ -1,9 +1,9 @@
-"""``python -m fairseq_pdd.teacher_cache`` (``fairseq-pdd-cache``): run the teachers once, store top-k.
+"""``python -m fairseq_pdd.teachers.build_cache`` (``fairseq-pdd-cache``): run the teachers once, store top-k.
 
 Runs the ``--ensemble-paths`` teachers over every sentence of each ``--gen-subset`` (comma-separated)
 of a ``--task distillation`` data directory, batched by ``--max-tokens``/``--batch-size`` with
 fairseq's own dataset, collater and batching, and writes ``CACHE_DIR/{subset}/`` in the format of
-:mod:`fairseq_pdd.cache_format` (what is stored and the approximation: :mod:`fairseq_pdd.topk_stats`).
+:mod:`fairseq_pdd.teachers.cache_format` (what is stored and the approximation: :mod:`fairseq_pdd.distill.topk_stats`).
 ``fairseq-train --task distillation --teacher-cache CACHE_DIR`` then trains with no teacher loaded.
 
 Resumable and shardable: the subset is cut into parts of ``--part-sentences`` consecutive sentence
@@ -32,7 +32,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.logging import progress_bar
 
 import fairseq_pdd
-from fairseq_pdd.cache_format import (
+from fairseq_pdd.teachers.cache_format import (
     TeacherCacheError,
     open_cache,
     row_indices,
@@ -42,15 +42,15 @@ from fairseq_pdd.cache_format import (
     topk_to_arrays,
     write_cache,
 )
-from fairseq_pdd.checkpoints import CheckpointError
+from fairseq_pdd.teachers.checkpoints import CheckpointError
 from fairseq_pdd.tasks.teacher_mixin import TeacherEnsembleMixin
-from fairseq_pdd.teachers import TeacherEnsemble, TeacherError, split_paths
-from fairseq_pdd.topk_stats import STORAGE_DTYPES, compress
+from fairseq_pdd.teachers.ensemble import TeacherEnsemble, TeacherError, split_paths
+from fairseq_pdd.distill.topk_stats import STORAGE_DTYPES, compress
 
 # fairseq's --user-dir import finds this package already imported (by this module), so register here.
 fairseq_pdd.register()
 
-logger = logging.getLogger("fairseq_pdd.teacher_cache")
+logger = logging.getLogger("fairseq_pdd.teachers.build_cache")
 
 #: Header fields that must agree between parts, and between a finished cache and a new run.
 FINGERPRINT_KEYS = ("subset", "num_sentences", "num_classes", "k", "dtype", "log_probs", "teacher_sha256", "dictionaries", "part_sentences")

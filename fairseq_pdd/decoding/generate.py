@@ -10,14 +10,14 @@ with three hooks installed for the duration of the run:
 * when the task builds its generator, fairseq's ensemble wrapper is replaced by one that stops the search at
   the first NaN log-probability with an error naming the model, and (``--uncertainty-from beam``, the
   default) computes the measures inside beam search from the distributions the search already has, step
-  by step for every beam row (:mod:`fairseq_pdd.beam_uncertainty`), so the models run once;
-* after each batch is decoded, the measures of :mod:`fairseq_pdd.uncertainty` are attached to its
+  by step for every beam row (:mod:`fairseq_pdd.decoding.beam_uncertainty`), so the models run once;
+* after each batch is decoded, the measures of :mod:`fairseq_pdd.decoding.uncertainty` are attached to its
   n-best lists: a ``U-{id}`` line per hypothesis in fairseq's output and one JSONL record per
   hypothesis in ``--uncertainty-output`` (default ``{results_path or .}/uncertainty-{gen_subset}.jsonl``),
   written to a temporary file and renamed when decoding finishes. The references
   (``--uncertainty-reference``), and the hypotheses themselves with ``--uncertainty-from rescore`` or with
   a generator other than fairseq's plain beam search, are re-scored teacher-forced in batched passes
-  (:mod:`fairseq_pdd.rescoring`);
+  (:mod:`fairseq_pdd.decoding.rescoring`);
 * the output stream fairseq writes to is shared, so the U- lines sit with the batch's other lines;
 * a ``bdistil_*`` model decoded with early stopping gets a last line with the mean number of
   members per decoded hypothesis token.
@@ -34,12 +34,15 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import fairseq_cli.generate as fairseq_generate
 import fairseq_pdd
-from fairseq_pdd import beam_uncertainty, rescoring, uncertainty, uncertainty_jsonl
-from fairseq_pdd.step_uncertainty import DirichletStepUncertainty, EnsembleStepUncertainty, pad_columns
-from fairseq_pdd.dirichlet import concentrations
-from fairseq_pdd.ensemble_stats import Workspace
+from fairseq_pdd.decoding import beam_uncertainty
+from fairseq_pdd.decoding import rescoring
+from fairseq_pdd.decoding import uncertainty
+from fairseq_pdd.decoding import jsonl as uncertainty_jsonl
+from fairseq_pdd.decoding.step_uncertainty import DirichletStepUncertainty, EnsembleStepUncertainty, pad_columns
+from fairseq_pdd.distill.dirichlet import concentrations
+from fairseq_pdd.distill.ensemble_stats import Workspace
 from fairseq_pdd.models.bdistil import early_stop_summary
-from fairseq_pdd.uncertainty_jsonl import SymbolText
+from fairseq_pdd.decoding.jsonl import SymbolText
 
 logger = logging.getLogger(__name__)
 

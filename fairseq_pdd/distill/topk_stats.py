@@ -1,7 +1,7 @@
 """Top-k compression of ensemble statistics, and the dense statistics rebuilt from it (pure torch).
 
 What an offline teacher cache stores per target position, for an ensemble of M members over K
-classes with mean ``pbar`` and mean log-probability ``mlog`` (see :mod:`fairseq_pdd.ensemble_stats`):
+classes with mean ``pbar`` and mean log-probability ``mlog`` (see :mod:`fairseq_pdd.distill.ensemble_stats`):
 
 * ``ids`` (k,): the k classes of largest ``pbar``; ``probs`` (k,) = ``pbar[ids]`` (float16 or
   float32);
@@ -42,7 +42,7 @@ from typing import Optional
 
 import torch
 
-from fairseq_pdd.ensemble_stats import EnsembleStatistics
+from fairseq_pdd.distill.ensemble_stats import EnsembleStatistics
 
 #: Storage dtypes of the top-k probabilities and log-probabilities.
 STORAGE_DTYPES = {"float16": torch.float16, "float32": torch.float32}

@@ -5,8 +5,8 @@ Everything streams line by line (WMT17 En-De has ~5.9M training pairs) and write
 temporary name renamed at the end, so an interrupted run never leaves a file that looks finished.
 No fairseq import: the recipes call fairseq's own CLIs for binarisation and decoding.
 
-Command line (``python -m fairseq_pdd.mt_data SUBCOMMAND``; the recipes run the file itself,
-``python fairseq_pdd/mt_data.py SUBCOMMAND``, which skips the package's import of fairseq)::
+Command line (``python -m fairseq_pdd.data.mt_text SUBCOMMAND``; the recipes run the file itself,
+``python fairseq_pdd/data/mt_text.py SUBCOMMAND``, which skips the package's import of fairseq)::
 
     spm-train --input train.en train.de --model-prefix spm --vocab-size 40000
     encode --model spm.model --input train.en valid.en --output enc/train.en enc/valid.en
@@ -194,7 +194,7 @@ def extract_pairs(generate_outputs: Sequence[str], source: str, out_source: str,
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fairseq_pdd.mt_data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m fairseq_pdd.data.mt_text", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 
     t = sub.add_parser("spm-train", help="train a joint sentencepiece model")

@@ -13,7 +13,7 @@ tiny VGG-Transformer learns to transcribe it (roughly) in a few CPU epochs.
 ``SPEAKER-CHAPTER.trans.txt`` (upper-case transcripts, like LibriSpeech). Subsets get disjoint
 speaker ids. ``OOD_WORDS`` are other words, chords of notes in a band the in-domain words never use
 (4-5.2 kHz): the toy analogue of another corpus or language. ``label_noise`` gives the ``train``
-subset *noisy transcripts* (:func:`fairseq_pdd.toy_data.add_label_noise`: each word replaced, with that
+subset *noisy transcripts* (:func:`fairseq_pdd.data.toy_mt.add_label_noise`: each word replaced, with that
 probability, by a word of the vocabulary drawn from a separate random stream), the audio unchanged.
 """
 import argparse
@@ -24,10 +24,10 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from fairseq_pdd.toy_data import add_label_noise
+from fairseq_pdd.data.toy_mt import add_label_noise
 
 #: fairseq-train options of the tiny VGG-Transformer that learns the toy corpus on a CPU (task speech_to_text
-#: or asr_distillation, data prepared by ``fairseq_pdd.librispeech`` with subsets train/dev/test). Small
+#: or asr_distillation, data prepared by ``fairseq_pdd.data.librispeech`` with subsets train/dev/test). Small
 #: batches (300 frames, about 4 utterances): the attention needs many updates more than large batches.
 TINY_VGG_TRANSFORMER = ["--arch", "pdd_vggtransformer_tiny"]
 TINY_ASR_TRAINING = [

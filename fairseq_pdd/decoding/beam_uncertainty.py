@@ -4,7 +4,7 @@ fairseq's ``SequenceGenerator`` already carries one per-row, per-step tensor thr
 attention returned by ``EnsembleModel.forward_decoder``, written to ``attn[:, :, step + 1]``, re-ordered
 with the beam, compacted when sentences finish and cut per finished hypothesis into
 ``hypo["attention"]`` (src_len, L). :class:`MeasuringEnsemble` appends the step's measure columns
-(:mod:`fairseq_pdd.step_uncertainty`) to the models' attention, so they follow every hypothesis for
+(:mod:`fairseq_pdd.decoding.step_uncertainty`) to the models' attention, so they follow every hypothesis for
 free; :func:`take_columns` splits them off right after decoding and gives ``hypo["attention"]`` back as
 fairseq made it. The models run once, in the beam search itself: nothing is re-scored.
 
@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 import torch
 from fairseq.sequence_generator import EnsembleModel, SequenceGenerator
 
-from fairseq_pdd.step_uncertainty import StepUncertainty
+from fairseq_pdd.decoding.step_uncertainty import StepUncertainty
 
 
 class NonFiniteOutputError(ValueError):

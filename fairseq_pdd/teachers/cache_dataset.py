@@ -5,7 +5,7 @@ whatever order, batching, epoch or DDP shard the batch iterator produces. The co
 data-loader workers) gathers the batch's rows from the memory-mapped arrays, checks that the cached
 target tokens equal the batch's non-padding target tokens (row-major, the order of
 ``sample["ensemble_stats"]``), and stores the compressed statistics as
-``sample["teacher_topk"]``: a :class:`fairseq_pdd.topk_stats.TopKStatistics`, a plain object that
+``sample["teacher_topk"]``: a :class:`fairseq_pdd.distill.topk_stats.TopKStatistics`, a plain object that
 fairseq's ``move_to_cuda``/``apply_half`` leave alone, so its float32 entropies never become half.
 """
 import os
@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 from fairseq.data import BaseWrapperDataset
 
-from fairseq_pdd.cache_format import TeacherCache, TeacherCacheError, check_compatible, open_cache
+from fairseq_pdd.teachers.cache_format import TeacherCache, TeacherCacheError, check_compatible, open_cache
 
 TOPK_KEY = "teacher_topk"
 
@@ -65,7 +65,7 @@ def wrap(
         if not os.path.isdir(directory):
             raise TeacherCacheError(
                 f"no teacher cache for subset {subset!r} in {cache_dir}: build it with "
-                f"python -m fairseq_pdd.teacher_cache DATA --gen-subset {subset} --cache-dir {cache_dir} ..."
+                f"python -m fairseq_pdd.teachers.build_cache DATA --gen-subset {subset} --cache-dir {cache_dir} ..."
             )
         cache = open_cache(directory, verify_checksums)
     source = getattr(task, "source_dictionary", None)

@@ -1,10 +1,10 @@
 """The frozen teacher ensemble: safe loading, dictionary checks, streamed statistics (fairseq glue).
 
-Teachers are loaded from fairseq checkpoints (weights-only, see :mod:`fairseq_pdd.checkpoints`)
+Teachers are loaded from fairseq checkpoints (weights-only, see :mod:`fairseq_pdd.teachers.checkpoints`)
 and built against the student task's dictionaries, so their outputs index the same classes. They
 live on the student's device in eval mode, never enter the optimizer or the student's checkpoint,
 and run under ``torch.inference_mode()``. Statistics are accumulated member by member
-(:mod:`fairseq_pdd.ensemble_stats`), so memory grows with M only by the teachers' weights.
+(:mod:`fairseq_pdd.distill.ensemble_stats`), so memory grows with M only by the teachers' weights.
 """
 import logging
 import math
@@ -18,8 +18,8 @@ from fairseq.data import Dictionary, data_utils
 from fairseq.models import build_model
 from omegaconf import OmegaConf
 
-from fairseq_pdd.checkpoints import load_checkpoint
-from fairseq_pdd.ensemble_stats import EnsembleAccumulator, EnsembleStatistics
+from fairseq_pdd.teachers.checkpoints import load_checkpoint
+from fairseq_pdd.distill.ensemble_stats import EnsembleAccumulator, EnsembleStatistics
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
-"""``python -m fairseq_pdd.estimate_gt_weight DATA --path-a0 A0.pt --path-a1 STEP0.pt``: choose ``a`` (fairseq glue).
+"""``python -m fairseq_pdd.self_distillation.estimate_gt_weight DATA --path-a0 A0.pt --path-a1 STEP0.pt``: choose ``a`` (fairseq glue).
 
 Scores a held-out subset (``--subset valid``) teacher-forced with the step's ``a = 0`` student and
 the ``a = 1`` student (the step-0 supervised model), and prints as JSON the ground-truth weight
-chosen by :mod:`fairseq_pdd.gt_weight`: NLL-optimal (``--method nll``, default) or Brier-optimal
+chosen by :mod:`fairseq_pdd.self_distillation.gt_weight`: NLL-optimal (``--method nll``, default) or Brier-optimal
 (``--method brier``), with the held-out objective at the chosen ``a``, at 0 and at 1.
 
 The task is set up from the ``a = 0`` student's checkpoint with ``DATA`` as its data, so any task
 works (translation, speech); both checkpoints are loaded weights-only and refused if their
-dictionaries differ from the data's (:func:`fairseq_pdd.teachers.load_teacher`).
+dictionaries differ from the data's (:func:`fairseq_pdd.teachers.ensemble.load_teacher`).
 """
 import argparse
 import json
@@ -20,9 +20,9 @@ from fairseq import tasks, utils
 from omegaconf import OmegaConf, open_dict
 
 import fairseq_pdd
-from fairseq_pdd.checkpoints import load_checkpoint
-from fairseq_pdd.gt_weight import BrierStatistics, nll_optimal_weight
-from fairseq_pdd.teachers import TeacherError, load_teacher
+from fairseq_pdd.teachers.checkpoints import load_checkpoint
+from fairseq_pdd.self_distillation.gt_weight import BrierStatistics, nll_optimal_weight
+from fairseq_pdd.teachers.ensemble import TeacherError, load_teacher
 
 # fairseq's --user-dir import finds this package already imported (by this module), so register here.
 fairseq_pdd.register()

@@ -1,11 +1,11 @@
 """The four distillation losses, per token, with closed-form gradients (pure torch).
 
 Shapes: student logits ``z`` (N, K) for the N non-padding target positions; ensemble statistics as
-in :mod:`fairseq_pdd.ensemble_stats`. Each function returns the per-token loss (N,) in float32
+in :mod:`fairseq_pdd.distill.ensemble_stats`. Each function returns the per-token loss (N,) in float32
 (float64 for float64 logits), whose gradient flows to ``z`` only (teacher quantities are targets),
 and the log-normaliser of the student's predictive (N,): ``log a0`` for the Dirichlet losses
 (predictive ``alpha / a0``), ``logsumexp(z)`` for KD (predictive ``softmax(z)``).
-``alpha = f(z) + model_offset`` as in :mod:`fairseq_pdd.dirichlet`; psi = digamma,
+``alpha = f(z) + model_offset`` as in :mod:`fairseq_pdd.distill.dirichlet`; psi = digamma,
 psi1 = trigamma, lnG = lgamma, ``e = d alpha / d z``.
 
 * :func:`rkl_proxy_loss` (PD-EnD2) ``KL(Dir(alpha) || Dir(beta)) / B`` with ``beta = B pbar + 1``,
@@ -24,8 +24,8 @@ from functools import partial
 
 import torch
 
-from fairseq_pdd.dirichlet import alpha_and_derivative
-from fairseq_pdd.fused import chunked_token_loss
+from fairseq_pdd.distill.dirichlet import alpha_and_derivative
+from fairseq_pdd.distill.fused import chunked_token_loss
 
 
 def _digamma_gap(p, p0):

@@ -19,7 +19,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from fairseq_pdd.fused import compute_dtype
+from fairseq_pdd.distill.fused import compute_dtype
 
 
 @dataclass
@@ -28,7 +28,7 @@ class EnsembleStatistics:
 
     mean_probs: torch.Tensor  #: pbar (N, K), float32
     #: mlog (N, K), float32; None when rebuilt from a top-k teacher cache for a criterion that does
-    #: not read it (:func:`fairseq_pdd.topk_stats.expand`)
+    #: not read it (:func:`fairseq_pdd.distill.topk_stats.expand`)
     mean_log_probs: Optional[torch.Tensor]
     expected_entropy: torch.Tensor  #: EH (N,)
     entropy_of_expected: torch.Tensor  #: H[pbar] (N,)

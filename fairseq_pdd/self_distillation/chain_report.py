@@ -1,4 +1,4 @@
-"""``python -m fairseq_pdd.chain_report``: the per-step table of a self-distillation chain (no fairseq).
+"""``python -m fairseq_pdd.self_distillation.chain_report``: the per-step table of a self-distillation chain (no fairseq).
 
 Each step's model is decoded once with ``fairseq-pdd-generate --uncertainty-reference`` (n-best
 hypotheses plus the teacher-forced reference, one JSONL record each). From those files this prints,

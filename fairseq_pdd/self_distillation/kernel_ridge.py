@@ -19,7 +19,7 @@ The dual coefficients returned here give predictions anywhere: ``f_s(x) = k(x)^T
 
     beta_s = V^T (D + lam I)^{-1} (a I + (1 - a) B_{s-1}) V y,      B_0 = I.
 
-The optimal ``a`` of a step is the closed form of :func:`fairseq_pdd.gt_weight.brier_optimal_weight`,
+The optimal ``a`` of a step is the closed form of :func:`fairseq_pdd.self_distillation.gt_weight.brier_optimal_weight`,
 since ``f_s`` is affine in the ``a`` used at step ``s``.
 """
 from typing import List
