@@ -23,6 +23,7 @@ setup(
         "matplotlib",
         "soundfile",  # FLAC input of the speech preparation (fairseq's own audio reader)
         "editdistance",  # fairseq-generate --scoring wer
+        "tensorboardX",  # fairseq-train --tensorboard-logdir (fairseq falls back to it without tensorboard)
     ],
     extras_require={"test": ["pytest"]},
     entry_points={

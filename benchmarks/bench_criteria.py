@@ -409,6 +409,7 @@ def add_ratios(results: list) -> dict:
     for r in results:
         r["tokens_per_s"] = _ratio(r["tokens"], r["step_time_s"])
         r["time_ratio"] = _ratio(r["step_time_s"], base["step_time_s"])
+        r["loss_time_ratio"] = _ratio(r["loss_time_s"], base["loss_time_s"])
         r["mem_ratio"] = _ratio(r["step_peak_bytes"], base["step_peak_bytes"])
         # Weights + the student's gradients (allocated once, kept between steps) + the step's peak.
         r["online_peak_bytes"] = 2 * r["student_weight_bytes"] + r["teacher_weight_bytes"] + r["step_peak_bytes"]
@@ -477,16 +478,18 @@ def print_report(config: dict, results: list, summary: dict) -> None:
     print(
         f"\ndevice={config['device']} V={config['vocab']} batch={config['batch']}x{config['tgt_len']} "
         f"({results[0]['tokens']} non-pad tokens) d={config['embed_dim']} ffn={config['ffn_dim']} "
-        f"layers={config['layers']} repeats={config['repeats']} threads={config['threads']}"
+        f"layers={config['layers']} repeats={config['repeats']} threads={config['threads']} kernels={config['kernels_used']}"
     )
-    head = f"{'method':<17}{'M':>3} {'tokens/s':>9} {'step ms':>9}{'x CE':>7} {'step MiB':>9}{'x CE':>7} {'loss ms':>9} {'loss MiB':>9}  {'loss value':>12}"
+    head = (f"{'method':<17}{'M':>3} {'tokens/s':>9} {'step ms':>9}{'x CE':>7} {'step MiB':>9}{'x CE':>7} {'loss ms':>9}"
+            f" {'x CE':>7} {'loss MiB':>9}  {'loss value':>12}")
     print(head + "\n" + "-" * len(head))
     for r in results:
         print(
             f"{r['method']:<17}{r['members'] or '-':>3} {_fmt(r['tokens_per_s'], 1, '.0f'):>9} "
             f"{_fmt(r['step_time_s'], 1e-3):>9}{_fmt(r['time_ratio'], 1, '.2f'):>7} "
             f"{_fmt(r['step_peak_bytes'], MiB):>9}{_fmt(r['mem_ratio'], 1, '.2f'):>7} "
-            f"{_fmt(r['loss_time_s'], 1e-3):>9} {_fmt(r['loss_peak_bytes'], MiB):>9}  {r['loss_value']:>12.5g}"
+            f"{_fmt(r['loss_time_s'], 1e-3):>9} {_fmt(r['loss_time_ratio'], 1, '.2f'):>7} "
+            f"{_fmt(r['loss_peak_bytes'], MiB):>9}  {r['loss_value']:>12.5g}"
         )
     print("ce: cross-entropy baseline; " + "; ".join(f"{k}: {v[1]} ({v[0]})" for k, v in FUSED.items())
           + f"; {MATERIALIZED}: PD-EnD2 on a B x T x M x V float64 tensor with float64 autograd"
@@ -543,6 +546,12 @@ def parse_args(argv=None):
         help="torch intra-op threads (default: 1 on CPU, as multi-threaded CPU times blow up 10-20x "
         "when other processes compete for the cores; torch's default on CUDA)",
     )
+    p.add_argument(
+        "--kernels",
+        choices=("auto", "torch", "triton"),
+        help="implementation of the fused losses: sets FAIRSEQ_PDD_KERNELS for this run (default: its value, else "
+        "auto = Triton on CUDA, torch on CPU)",
+    )
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "benchmarks", "results", "criteria.json"))
     p.add_argument("--work-dir", help="where the rkl_cache run writes its cache (default: a temporary directory)")
     args = p.parse_args(argv)
@@ -563,7 +572,13 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    from fairseq_pdd.distill import backend
+
+    if args.kernels:
+        os.environ[backend.ENV_VAR] = args.kernels
     config = {k: v for k, v in vars(args).items() if k not in ("out", "methods", "work_dir")}
+    config["kernels"] = backend.choice()
+    config["kernels_used"] = "triton" if backend.use_triton(torch.empty(0, device=args.device)) else "torch"
     methods = ["ce"] + [m for m in args.methods if m != "ce"]
     jobs = [("ce", 0)] + [(method, m) for method in methods[1:] if method != CACHE for m in args.members]
     if CACHE in methods:

@@ -120,9 +120,46 @@ ensemble_paths() {
 # Defaults of the students' criteria, the same in every recipe (a config.sh may set them first).
 : "${CRITERIA:=rkl_dirichlet_proxy_distillation forward_kl_mean_distillation}"
 : "${TARGET_CONCENTRATION:=mkl}" "${MODEL_OFFSET:=1}" "${TARGET_OFFSET:=1}"
-# criteria that collapse when trained from scratch start from the KD student (listed before them)
-: "${FINETUNE_FROM_KD:=dirichlet_proxy_distillation sequence_distribution_distillation}"
+# EnD2's NLL and the forward KL to the proxy collapse to a flat Dirichlet when trained from scratch:
+# the criteria of FINETUNE_FROM_KD start from the KD student (listed before them in CRITERIA); those
+# of ANNEAL_CRITERIA train with the temperature of the teachers and the student (--temper-student)
+# annealed from INIT_TEMP to 1 between updates ANNEAL_START and ANNEAL_END (a criterion may be in
+# both). Annealing alone did not prevent the collapse on the demo task (docs: "Temperature
+# annealing"), so the warm start stays the default.
+: "${FINETUNE_FROM_KD=dirichlet_proxy_distillation sequence_distribution_distillation}"  # empty: no warm start
+: "${ANNEAL_CRITERIA:=}" "${INIT_TEMP:=10}" "${ANNEAL_START:=0}" "${ANNEAL_END:=4000}"
 : "${PYTHON:=python}"
+
+# derive_update_freq PREFIX: the batch settings of one kind of training run, PREFIX "" (students) or
+# TEACHER_ (teachers). ${PREFIX}MAX_TOKENS is the batch of one forward/backward pass on one GPU,
+# ${PREFIX}TOKENS_PER_UPDATE the tokens one GPU contributes to an update (max tokens x update freq of
+# the paper's command lines); unless ${PREFIX}UPDATE_FREQ is set, it becomes their quotient, which
+# must be a whole number. With W = NGPU x NNODES workers an update sees W x TOKENS_PER_UPDATE tokens.
+derive_update_freq() {
+  local max_name=${1}MAX_TOKENS per_name=${1}TOKENS_PER_UPDATE freq_name=${1}UPDATE_FREQ name
+  for name in "$max_name" "$per_name" "$freq_name"; do
+    if [ "$name" = "$freq_name" ] && [ -z "${!name:-}" ]; then continue; fi
+    if ! [[ ${!name} =~ ^[1-9][0-9]*$ ]]; then
+      echo "error: $name='${!name}' is not a positive whole number" >&2
+      exit 1
+    fi
+  done
+  [ -z "${!freq_name:-}" ] || return 0
+  if (( ${!per_name} % ${!max_name} != 0 )); then
+    echo "error: $max_name=${!max_name} does not divide $per_name=${!per_name} (tokens per GPU and" \
+      "update): choose a $max_name that divides it, or set $freq_name yourself" >&2
+    exit 1
+  fi
+  printf -v "$freq_name" '%d' $((${!per_name} / ${!max_name}))
+}
+
+# update_size PREFIX [UNIT]: "MAX x FREQ per GPU x W workers = N UNIT per update" (UNIT: tokens) of
+# derive_update_freq's settings
+update_size() {
+  local max_name=${1}MAX_TOKENS freq_name=${1}UPDATE_FREQ world=$((NGPU * NNODES))
+  echo "${!max_name} x ${!freq_name} per GPU x $world workers = $((${!max_name} * ${!freq_name} * world))" \
+    "${2:-tokens} per update"
+}
 
 # recipe_arrays: the word lists of a config's string settings, and the device options, as arrays:
 # model_args (MODEL_ARGS), extra (EXTRA), gen_extra (GEN_EXTRA), seeds (SEEDS, one per teacher, M of
@@ -213,18 +250,21 @@ check_criteria() {
   for criterion in $CRITERIA; do criterion_options "$criterion"; done
 }
 
-# finetune_options CRITERION: sets init=(--finetune-from-model KD_STUDENT) for the criteria of
-# FINETUNE_FROM_KD (the KD student must be trained by then), else init=().
-finetune_options() {
+# init_options CRITERION: how the student of CRITERION starts: init has the annealed temperature
+# (--init-temp ... --temper-student) for the criteria of ANNEAL_CRITERIA and --finetune-from-model
+# KD_STUDENT for those of FINETUNE_FROM_KD (the KD student must be trained by then).
+init_options() {
   local kd=$STUDENTS_DIR/forward_kl_mean_distillation
   init=()
+  [[ " $ANNEAL_CRITERIA " != *" $1 "* ]] ||
+    init+=(--init-temp "$INIT_TEMP" --anneal-start "$ANNEAL_START" --anneal-end "$ANNEAL_END" --temper-student)
   [[ " $FINETUNE_FROM_KD " == *" $1 "* ]] || return 0
   if [ "$DRY_RUN" != 1 ] && [ ! -e "$kd/done" ]; then
     echo "error: $1 starts from the KD student, but $kd is not trained: put" \
       "forward_kl_mean_distillation before it in CRITERIA (or remove it from FINETUNE_FROM_KD)" >&2
     exit 1
   fi
-  init=(--finetune-from-model "$kd/checkpoint_best.pt")
+  init+=(--finetune-from-model "$kd/checkpoint_best.pt")
 }
 
 # decode NAME CHECKPOINTS DATA SUBSET [ARGS...]: fairseq-pdd-generate (beam BEAM, n-best NBEST, the

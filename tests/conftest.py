@@ -13,7 +13,7 @@ from cli_runner import (  # noqa: E402
     ASR_EPOCHS, ASR_N_OOD, ASR_SIZES, STUDENT_EPOCHS, asr_train, distil, generate_bleu, preprocess, run, train,
 )
 
-from fairseq_pdd.data import toy_asr as asr_toy_data  # noqa: E402
+from fairseq_pdd.data import toy_asr as toy_speech  # noqa: E402
 from fairseq_pdd.data.toy_mt import write_corpus  # noqa: E402
 
 
@@ -52,15 +52,19 @@ class Students:
     """(checkpoint, fairseq-train log) of each student, trained for 12 epochs from scratch on ``toy_mt``."""
     kd: tuple  #: forward_kl_mean_distillation (KD to the ensemble mean)
     pd: tuple  #: rkl_dirichlet_proxy_distillation (PD-EnD2)
+    pd_tensorboard: str  #: the PD-EnD2 run's --tensorboard-logdir
 
 
 @pytest.fixture(scope="session")
 def students(toy_mt) -> Students:
-    """The KD and PD-EnD2 students of the toy teachers, trained side by side (seed 3)."""
+    """The KD and PD-EnD2 students of the toy teachers, trained side by side (seed 3); the PD-EnD2 run
+    also writes TensorBoard event files."""
+    tensorboard = os.path.join(toy_mt.root, "student_pd_tensorboard")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        jobs = [pool.submit(distil, toy_mt, criterion, name, STUDENT_EPOCHS) for criterion, name in (
-            ("forward_kl_mean_distillation", "student_kd"), ("rkl_dirichlet_proxy_distillation", "student_pd"))]
-        return Students(*(job.result() for job in jobs))
+        kd = pool.submit(distil, toy_mt, "forward_kl_mean_distillation", "student_kd", STUDENT_EPOCHS)
+        pd = pool.submit(distil, toy_mt, "rkl_dirichlet_proxy_distillation", "student_pd", STUDENT_EPOCHS,
+                         ["--tensorboard-logdir", tensorboard])
+        return Students(kd.result(), pd.result(), tensorboard)
 
 
 @dataclass
@@ -76,10 +80,10 @@ class ToySpeech:
 def toy_asr(tmp_path_factory) -> ToySpeech:
     """A synthetic speech corpus, prepared as the LibriSpeech recipe does, with two trained teachers."""
     root = str(tmp_path_factory.mktemp("toy_asr"))
-    raw = asr_toy_data.write_corpus(os.path.join(root, "raw"), ASR_SIZES, ood=ASR_N_OOD, seed=1)
+    raw = toy_speech.write_corpus(os.path.join(root, "raw"), ASR_SIZES, ood=ASR_N_OOD, seed=1)
     data = os.path.join(root, "data")
     prep = run(sys.executable, ["-m", "fairseq_pdd.data.librispeech", "--root", raw, "--subsets", "train,dev,test,ood",
-                                "--out-dir", data, "--vocab-size", str(asr_toy_data.TOY_VOCAB_SIZE)], root)
+                                "--out-dir", data, "--vocab-size", str(toy_speech.TOY_VOCAB_SIZE)], root)
     teachers = [os.path.join(root, f"teacher{s}", "checkpoint_last.pt") for s in (1, 2)]
     args = ["--task", "speech_to_text", "--criterion", "cross_entropy", "--max-epoch", ASR_EPOCHS]
     with ThreadPoolExecutor(max_workers=2) as pool:  # two subprocesses at a time

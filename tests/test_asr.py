@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import soundfile
-import torch
 import yaml
 from cli_runner import ASR_EPOCHS, ASR_N_OOD, ASR_SIZES, asr_generate, asr_train, asr_wer, run
 

@@ -150,7 +150,7 @@ def test_speech_recipe_dry_run_on_prepared_librispeech(tmp_path):
     text = dry_run_recipe("self_distillation", tmp_path, TASK="asr", STEPS="1", GT_WEIGHT="0.6", DATA="ls/data",
                           TRAIN_SUBSET="train-clean-100", VALID_SUBSET="dev-clean", EVAL_SUBSET="test-clean")
     lines = text.splitlines()
-    assert not any("asr_toy_data" in line or "fairseq_pdd.data.librispeech" in line for line in lines)
+    assert not any("fairseq_pdd.data.toy_asr" in line or "fairseq_pdd.data.librispeech" in line for line in lines)
     trains = [line for line in lines if line.startswith("fairseq-train ls/data ")]
     assert len(trains) == 2 and "--gt-weight 0.6" in trains[1]
     assert all("--train-subset train-clean-100 --valid-subset dev-clean" in t for t in trains)

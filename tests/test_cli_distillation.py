@@ -1,9 +1,12 @@
 """End to end through the real fairseq CLI: teachers -> distilled students -> fairseq-generate + sacrebleu."""
+import glob
+import os
 import re
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cli_runner import STUDENT_EPOCHS, distil, generate_bleu, valid_losses
+from cli_runner import STUDENT_EPOCHS, distil, generate_bleu, last_valid, valid_losses
 
 
 FINETUNED = ["dirichlet_proxy_distillation", "sequence_distribution_distillation"]
@@ -72,3 +75,38 @@ def test_half_precision_teachers(students, runs, flag):
     _, log = runs["half", flag]
     for key in ("ensemble_mkl", "ensemble_epkl"):
         assert valid_stat(log, key) == pytest.approx(valid_stat(students.kd[1], key), rel=0.05), key
+
+
+def tensorboard_scalars(logdir: str) -> dict:
+    """``{writer folder: {tag: [(step, value), ...]}}`` of every event file under ``logdir``, read record by
+    record (TFRecord framing: uint64 length, its CRC, the ``Event`` protobuf, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in glob.glob(os.path.join(logdir, "*", "events.out.tfevents.*")):
+        tags = scalars.setdefault(os.path.basename(os.path.dirname(path)), {})
+        with open(path, "rb") as f:
+            while header := f.read(12):
+                (length,) = struct.unpack("<Q", header[:8])
+                event = Event.FromString(f.read(length))
+                assert len(f.read(4)) == 4, f"{path}: truncated record"
+                for value in event.summary.value:
+                    if value.HasField("simple_value"):
+                        tags.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_logdir_records_the_criterion_metrics(students):
+    """``fairseq-train --tensorboard-logdir`` works out of the box (tensorboardX is a dependency): the PD-EnD2
+    student's run wrote event files whose train and valid scalars are the criterion's metrics, one per epoch."""
+    log = students.pd[1]
+    assert "tensorboard not found" not in log
+    scalars = tensorboard_scalars(students.pd_tensorboard)
+    for writer in ("train", "valid"):
+        assert writer in scalars, (writer, sorted(scalars))
+        for tag in ("loss", "nll_loss", "ensemble_mkl", "ensemble_precision", "precision", "log_precision"):
+            assert tag in scalars[writer], (writer, tag, sorted(scalars[writer]))
+            steps = [step for step, _ in scalars[writer][tag]]
+            assert len(steps) == STUDENT_EPOCHS and steps == sorted(steps), (writer, tag, steps)
+    assert scalars["valid"]["ensemble_mkl"][-1][1] == pytest.approx(last_valid(log, "ensemble_mkl"), abs=1e-3)
+    assert scalars["valid"]["precision"][-1][1] == pytest.approx(last_valid(log, "precision"), rel=1e-3)

@@ -195,3 +195,18 @@ def test_one_member_has_exactly_zero_disagreement():
         assert torch.equal(token[key], torch.zeros(3, 5)), key
         assert torch.equal(sequence[key], torch.zeros(3, dtype=sequence[key].dtype)), key
     assert token["total_uncertainty"].gt(0).all()
+
+
+def test_a_class_every_member_rules_out_adds_nothing():
+    """p_k = 0 for every member (log-probability -inf, as fp16 teachers give for far-off classes): the
+    statistics are those of the ensemble without that class (0 log 0 = 0), not NaN."""
+    log_probs = member_log_probs(3, n=1, k=20, seed=4)
+    logits = log_probs.clone()
+    logits[:, 0, 7] = float("-inf")
+    ruled_out = logits.log_softmax(-1)
+    kept = torch.cat([ruled_out[..., :7], ruled_out[..., 8:]], -1)
+    got = streamed(ensemble_statistics(iter(ruled_out)))
+    want = brute_force(kept)
+    for key in ("expected_entropy", "entropy_of_expected", "mutual_information", "epkl", "mkl"):
+        assert torch.isfinite(got[key]).all(), key
+        torch.testing.assert_close(got[key].double(), want[key], rtol=1e-5, atol=2e-5, msg=key)

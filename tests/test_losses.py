@@ -5,9 +5,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, Dirichlet, kl_divergence
 
-from fairseq_pdd.distill import dirichlet
-from fairseq_pdd.distill import fused
-from fairseq_pdd.distill import losses
+from fairseq_pdd.distill import dirichlet, fused, losses
 from fairseq_pdd.distill.ensemble_stats import ensemble_statistics
 
 LOSSES = ("rkl", "fkl", "nll", "kd")

@@ -10,6 +10,7 @@ fairseq-pdd-evaluate --task asr. Only the sizes (model, vocabulary, epochs, beam
 """
 import json
 import os
+import re
 import subprocess
 import tarfile
 
@@ -45,7 +46,8 @@ def run_the_recipe(root):
         WORK=str(root / "work"), LIBRISPEECH=str(root / "LibriSpeech"), LIBRISPEECH_URL="http://invalid.test",
         TRAIN_SUBSETS="train-clean-100", VALID_SUBSETS="dev-clean", VOCAB_SIZE=str(toy.TOY_VOCAB_SIZE),
         DEVICE="cpu", M="2", SEEDS="1 2", MODEL_ARGS=" ".join(toy.TINY_VGG_TRANSFORMER), NUM_WORKERS="0",
-        TEACHER_MAX_TOKENS="300", TEACHER_MAX_EPOCH="2", MAX_TOKENS="300", MAX_EPOCH="2", LR="3e-3", WARMUP="20",
+        TEACHER_MAX_TOKENS="300", TEACHER_TOKENS_PER_UPDATE="300", TEACHER_MAX_EPOCH="2",
+        MAX_TOKENS="300", TOKENS_PER_UPDATE="300", MAX_EPOCH="2", LR="3e-3", WARMUP="20",
         OOD_CORPORA=str(root / "other_corpus" / "foreign"), CRITERIA=CRITERION, BEAM="3", NBEST="3", EVAL_PLOTS="0",
         EXTRA="--no-progress-bar --log-interval 20 --no-epoch-checkpoints",
     )
@@ -137,11 +139,11 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
     for t in trains[:3]:
         assert "--task speech_to_text" in t and "--criterion cross_entropy" in t
         assert "--optimizer adadelta --lr 1.0 --adadelta-eps 1e-8 --adadelta-rho 0.95 --clip-norm 10.0" in t
-        assert "--max-tokens 5000 --max-epoch 80 --keep-last-epochs 10" in t
+        assert "--max-tokens 5000 --update-freq 1 --max-epoch 80 --keep-last-epochs 10" in t
     ensemble = ":".join(f"work/teachers/teacher{i}/checkpoint_best.pt" for i in (1, 2, 3))
     pd, kd = trains[3:]
     for t in (pd, kd):
-        for option in (f"--task asr_distillation --ensemble-paths {ensemble}", "--max-tokens 8000",
+        for option in (f"--task asr_distillation --ensemble-paths {ensemble}", "--max-tokens 8000 --update-freq 1",
                        "--max-epoch 80", "--clip-norm 1.0 --weight-decay 1e-8", "--seed 0", "--fp16-ensemble"):
             assert option in t, (option, t)
     assert "--optimizer adam --lr 1e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000 --memory-efficient-fp16" in pd
@@ -166,15 +168,47 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
     assert "--ood test-other=uncertainty-test-other.jsonl --ood ami=uncertainty-ami.jsonl" in evaluate[0]
 
 
-def test_dry_run_with_label_smoothing_and_finetuning(tmp_path):
-    """LABEL_SMOOTHING > 0 switches the teachers' criterion; EnD2 starts from the KD student."""
-    text = dry_run_recipe("librispeech", tmp_path, STAGES="2 3", LABEL_SMOOTHING="0.1",
-                   CRITERIA="forward_kl_mean_distillation sequence_distribution_distillation")
+@pytest.mark.parametrize("settings, teachers, students", [
+    ({}, (5000, 1), (8000, 1)),  # the authors' 8000 frames and fairseq's vggtransformer_2 5000, per update
+    ({"MAX_TOKENS": "4000", "TEACHER_MAX_TOKENS": "2500"}, (2500, 2), (4000, 2)),  # a smaller GPU: update kept
+    ({"MAX_TOKENS": "16000", "UPDATE_FREQ": "1"}, (5000, 1), (16000, 1)),  # an explicit update freq wins
+])
+def test_dry_run_batches_keep_the_frames_per_update(tmp_path, settings, teachers, students):
+    text = dry_run_recipe("librispeech", tmp_path, STAGES="2 3", **settings)
+    found = {"speech_to_text": set(), "asr_distillation": set()}
+    for line in text.splitlines():
+        if line.startswith("+ fairseq-train"):
+            task = re.search(r"--task (\w+)", line).group(1)
+            found[task].add(tuple(map(int, re.search(r"--max-tokens (\d+) --update-freq (\d+)", line).groups())))
+    assert found == {"speech_to_text": {teachers}, "asr_distillation": {students}}
+    assert f"{students[0]} x {students[1]} per GPU x 1 workers = {students[0] * students[1]} frames per update" in text
+
+
+def test_dry_run_refuses_frames_that_do_not_divide(tmp_path):
+    env = recipe_env(DRY_RUN="1", WORK="work", STAGES="3", MAX_TOKENS="3000")
+    proc = subprocess.run(["bash", os.path.join(REPO, "recipes", "librispeech", "run.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "MAX_TOKENS=3000 does not divide TOKENS_PER_UPDATE=8000" in proc.stderr
+    assert "fairseq-train" not in proc.stderr
+
+
+def test_dry_run_with_label_smoothing_finetuning_and_annealing(tmp_path):
+    """LABEL_SMOOTHING > 0 switches the teachers' criterion; EnD2 starts from the KD student, or with
+    ANNEAL_CRITERIA trains from scratch with the temperature annealed (the authors' --anneal-start 0
+    --anneal-end 4000)."""
+    criteria = "forward_kl_mean_distillation sequence_distribution_distillation"
+    text = dry_run_recipe("librispeech", tmp_path, STAGES="2 3", LABEL_SMOOTHING="0.1", CRITERIA=criteria)
     trains = [line for line in text.splitlines() if line.startswith("+ fairseq-train")]
     assert all("--criterion label_smoothed_cross_entropy --label-smoothing 0.1" in t for t in trains[:3])
     assert "--criterion sequence_distribution_distillation --model-offset 1 --finetune-from-model " \
            "work/students/forward_kl_mean_distillation/checkpoint_best.pt" in trains[4]
-    assert "--optimizer adam" in trains[4]
+    assert "--optimizer adam" in trains[4] and "--init-temp" not in text
+    text = dry_run_recipe("librispeech", tmp_path, STAGES="3", CRITERIA=criteria, FINETUNE_FROM_KD="",
+                          ANNEAL_CRITERIA="sequence_distribution_distillation")
+    kd, end2 = [line for line in text.splitlines() if line.startswith("+ fairseq-train")]
+    assert "--criterion sequence_distribution_distillation --model-offset 1 --init-temp 10 --anneal-start 0 " \
+           "--anneal-end 4000 --temper-student " in end2
+    assert "--finetune-from-model" not in end2 and "--init-temp" not in kd
 
 
 @pytest.mark.parametrize("corpus, dry, problem", [

@@ -7,13 +7,14 @@ fairseq-pdd-generate and fairseq-pdd-evaluate. Only the sizes (model, vocabulary
 """
 import json
 import os
+import re
 import subprocess
 import tarfile
 
 import pytest
 
 from cli_runner import REPO, dry_run_recipe, recipe_env, rerun_commands, run_recipe
-from fairseq_pdd.data import mt_text as mt_data
+from fairseq_pdd.data import mt_text
 from fairseq_pdd.cli import user_dir
 from fairseq_pdd.data.toy_mt import TINY_TRANSFORMER, write_corpus
 
@@ -32,7 +33,7 @@ def write_wmt_layout(raw_dir: str, toy_dir: str) -> None:
     archived = os.path.join(toy_dir, "training")
     os.makedirs(archived)
     for lang in ("en", "de"):
-        lines = list(mt_data.iter_lines(os.path.join(toy_dir, f"train.{lang}")))
+        lines = list(mt_text.iter_lines(os.path.join(toy_dir, f"train.{lang}")))
         for i, name in enumerate(CORPORA):
             folder = archived if name.startswith("news-commentary") else raw_dir
             with open(os.path.join(folder, f"{name}.{lang}"), "w") as f:
@@ -51,7 +52,8 @@ def run_the_recipe(root):
         BPE_SIZE="120", SPM_EXTRA="--no-hard-vocab-limit", OOD_SETS="perm", THREADS="1",
         EVAL_PLOTS="0", EVAL_ENS_PRED="0",  # plots and test_ens_pred: ~10 s of CPU; the dry run shows them
         MODEL_ARGS=" ".join(TINY_TRANSFORMER), LR="5e-3", WARMUP="20",
-        TEACHER_MAX_TOKENS="600", TEACHER_MAX_UPDATE="30", MAX_TOKENS="600", UPDATE_FREQ="1", MAX_UPDATE="10",
+        TEACHER_MAX_TOKENS="600", TEACHER_TOKENS_PER_UPDATE="600", TEACHER_MAX_UPDATE="30",  # update freq 1
+        MAX_TOKENS="600", UPDATE_FREQ="1", MAX_UPDATE="10",
         EXTRA="--num-workers 0 --no-progress-bar --log-interval 20 --no-epoch-checkpoints",
         CRITERIA=CRITERION, GEN_MAX_TOKENS="4000", GEN_EXTRA="--max-len-a 1.2 --max-len-b 4",
     )
@@ -78,7 +80,7 @@ def binarised(data_dir, split, lang):
 
 
 def hypotheses_by_id(*paths):
-    """``{id: text}`` of the H- lines of fairseq-generate outputs, parsed independently of mt_data."""
+    """``{id: text}`` of the H- lines of fairseq-generate outputs, parsed independently of mt_text."""
     out = {}
     for path in paths:
         for line in open(path, encoding="utf-8"):
@@ -167,7 +169,7 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
     for t in trains:
         assert all(option in t for option in paper), t
     for t in students:
-        for option in ("--dropout 0.2", "--clip-norm 10.0", "--max-tokens 1024", "--update-freq 32",
+        for option in ("--dropout 0.2", "--clip-norm 10.0", "--max-tokens 8192", "--update-freq 4",
                        "--max-update 20000", "--seed 0", "--fp16-ensemble", "--ensemble-paths work/teachers/"
                        "teacher1/checkpoint_best.pt:work/teachers/teacher2/checkpoint_best.pt:work/teachers/"
                        "teacher3/checkpoint_best.pt", "--valid-subset valid\\,test\\,valid_ens_pred"):
@@ -175,6 +177,9 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
     assert "--criterion rkl_dirichlet_proxy_distillation --target-concentration mkl --model-offset 1 " \
            "--target-offset 1" in students[0]
     assert "--criterion label_smoothed_cross_entropy --label-smoothing 0.1" in trains[0]
+    for t in trains[:3]:  # teachers: the same 8192 x 4 = 32768 tokens per GPU and update
+        assert "--max-tokens 8192 --update-freq 4 --max-update 300000" in t, t
+    assert text.count("x 1 workers = 32768 tokens per update") == 2  # teachers' and students' stage lines
     assert "sacrebleu -t wmt14/full -l en-de --echo src" in text and "training-parallel-nc-v12.tgz" in text
     assert "--vocab-size 40000" in text and "--joined-dictionary" in text
     assert "--gen-subset train --path" in text and "--beam 5 --nbest 1" in text
@@ -189,12 +194,52 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
     assert "--in-domain uncertainty-test_ens_pred.jsonl" in text
 
 
+def batch_options(text):
+    """(teachers', students') (--max-tokens, --update-freq) of a dry run's fairseq-train lines."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("+ fairseq-train"):
+            kind = "students" if "--task distillation" in line else "teachers"
+            max_tokens, update_freq = re.search(r"--max-tokens (\d+) --update-freq (\d+)", line).groups()
+            found.setdefault(kind, set()).add((int(max_tokens), int(update_freq)))
+    return found["teachers"], found["students"]
+
+
+@pytest.mark.parametrize("settings, teachers, students, per_update", [
+    ({}, (8192, 4), (8192, 4), 32768),  # the paper's 1024 x 32 tokens per GPU and update
+    ({"MAX_TOKENS": "2048", "TEACHER_MAX_TOKENS": "4096"}, (4096, 8), (2048, 16), 32768),  # product kept
+    ({"MAX_TOKENS": "1024", "UPDATE_FREQ": "32"}, (8192, 4), (1024, 32), 32768),  # the authors' own batches
+    ({"UPDATE_FREQ": "2"}, (8192, 4), (8192, 2), 16384),  # an explicit update freq wins
+    ({"NGPU": "8", "TOKENS_PER_UPDATE": "4096", "MAX_TOKENS": "4096"}, (8192, 4), (4096, 1), 32768),  # 8 GPUs
+])
+def test_dry_run_batches_keep_the_tokens_per_update(tmp_path, settings, teachers, students, per_update):
+    text = dry_run_recipe("wmt17_en_de", tmp_path, STAGES="2 4", **settings)
+    assert batch_options(text) == ({teachers}, {students})
+    world = int(settings.get("NGPU", 1))
+    assert f"{students[0]} x {students[1]} per GPU x {world} workers = {per_update} tokens per update" in text
+    assert students[0] * students[1] * world == per_update
+
+
+@pytest.mark.parametrize("settings, problem", [
+    ({"MAX_TOKENS": "3000"}, "MAX_TOKENS=3000 does not divide TOKENS_PER_UPDATE=32768"),
+    ({"TEACHER_MAX_TOKENS": "65536"}, "TEACHER_MAX_TOKENS=65536 does not divide TEACHER_TOKENS_PER_UPDATE=32768"),
+    ({"UPDATE_FREQ": "0"}, "UPDATE_FREQ='0' is not a positive whole number"),
+    ({"TOKENS_PER_UPDATE": "32k"}, "TOKENS_PER_UPDATE='32k' is not a positive whole number"),
+])
+def test_dry_run_refuses_batches_that_do_not_divide(tmp_path, settings, problem):
+    env = recipe_env(DRY_RUN="1", WORK="work", STAGES="4", **settings)
+    proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and problem in proc.stderr, proc.stderr[-2000:]
+    assert "fairseq-train" not in proc.stderr
+
+
 @pytest.mark.parametrize("ids, problem", [([0, 2], r"no hypothesis for 1 \(1\)"), ([0, 1, 2, 3], "beyond")])
 def test_extract_names_missing_and_extra_ids(tmp_path, ids, problem):
     (tmp_path / "src").write_text("a\nb\nc\n")
     (tmp_path / "gen").write_text("".join(f"S-{i}\tx\nH-{i}\t-0.5\th{i}\n" for i in ids))
     with pytest.raises(ValueError, match=problem):
-        mt_data.extract_pairs([str(tmp_path / "gen")], str(tmp_path / "src"), str(tmp_path / "o.en"),
+        mt_text.extract_pairs([str(tmp_path / "gen")], str(tmp_path / "src"), str(tmp_path / "o.en"),
                               str(tmp_path / "o.de"))
     assert not (tmp_path / "o.de").exists()
 
@@ -203,38 +248,53 @@ def test_extract_orders_by_id_across_shards(tmp_path):
     (tmp_path / "src").write_text("a\nb\nc\n")
     (tmp_path / "g0").write_text("H-2\t-1\tz z\nD-2\t-1\tz z\nH-0\t-1\tx\n")
     (tmp_path / "g1").write_text("H-1\t-1\t\n")  # an empty hypothesis stays a line
-    assert mt_data.extract_pairs([str(tmp_path / "g0"), str(tmp_path / "g1")], str(tmp_path / "src"),
+    assert mt_text.extract_pairs([str(tmp_path / "g0"), str(tmp_path / "g1")], str(tmp_path / "src"),
                                  str(tmp_path / "o.en"), str(tmp_path / "o.de")) == 3
     assert (tmp_path / "o.en").read_text() == "a\nb\nc\n" and (tmp_path / "o.de").read_text() == "x\n\nz z\n"
     (tmp_path / "g2").write_text("H-1\t-1\ty\n")
     with pytest.raises(ValueError, match="second hypothesis for sample 1"):
-        mt_data.read_hypotheses([str(tmp_path / "g1"), str(tmp_path / "g2")])
+        mt_text.read_hypotheses([str(tmp_path / "g1"), str(tmp_path / "g2")])
 
 
 def test_clean_follows_the_moses_length_and_ratio_rule(tmp_path):
     (tmp_path / "s").write_text("a b\n\na b c d\na\na b c\n")
     (tmp_path / "t").write_text("x y\nx\nx y\nx\nx y\n")
-    kept = mt_data.clean_parallel(str(tmp_path / "s"), str(tmp_path / "t"), str(tmp_path / "cs"),
+    kept = mt_text.clean_parallel(str(tmp_path / "s"), str(tmp_path / "t"), str(tmp_path / "cs"),
                                   str(tmp_path / "ct"), min_len=1, max_len=3, ratio=1.5)
     assert kept == (3, 5)  # empty source, 4 > max_len dropped; 3/2 = 1.5 kept
     assert (tmp_path / "cs").read_text() == "a b\na\na b c\n"
     (tmp_path / "t").write_text("x\n")
     with pytest.raises(ValueError, match="differ in length"):
-        mt_data.clean_parallel(str(tmp_path / "s"), str(tmp_path / "t"), str(tmp_path / "cs"), str(tmp_path / "ct"))
+        mt_text.clean_parallel(str(tmp_path / "s"), str(tmp_path / "t"), str(tmp_path / "cs"), str(tmp_path / "ct"))
 
 
 def test_dry_run_of_the_other_criteria(tmp_path):
-    """EnD2 starts from the KD student and gets only its own options; a misspelt criterion stops stage 4."""
-    env = recipe_env(DRY_RUN="1", WORK="work", STAGES="4",
-                     CRITERIA="forward_kl_mean_distillation sequence_distribution_distillation")
-    proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    kd, end2 = [line for line in proc.stderr.splitlines() if line.startswith("+ fairseq-train")]
-    assert "--criterion forward_kl_mean_distillation --max-tokens" in kd and "--finetune-from-model" not in kd
-    assert "--criterion sequence_distribution_distillation --model-offset 1 --finetune-from-model " \
-           "work/students/forward_kl_mean_distillation/checkpoint_best.pt" in end2
+    """EnD2 and the forward KL to the proxy start from the KD student, or (ANNEAL_CRITERIA) train with the
+    temperature annealed, with only their own options; a misspelt criterion stops stage 4."""
+    env = recipe_env(DRY_RUN="1", WORK="work", STAGES="4", CRITERIA="forward_kl_mean_distillation "
+                     "sequence_distribution_distillation dirichlet_proxy_distillation rkl_dirichlet_proxy_distillation")
+
+    def trains():
+        proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return [line for line in proc.stderr.splitlines() if line.startswith("+ fairseq-train")]
+
+    kd, end2, fkl, pd = trains()
+    warm = "--finetune-from-model work/students/forward_kl_mean_distillation/checkpoint_best.pt "
+    assert "--criterion forward_kl_mean_distillation --max-tokens" in kd
+    assert f"--criterion sequence_distribution_distillation --model-offset 1 {warm}" in end2
+    assert f"--criterion dirichlet_proxy_distillation --target-concentration mkl --model-offset 1 --target-offset 1 " \
+           f"{warm}" in fkl
     assert "--target-concentration" not in end2
+    assert all("--init-temp" not in line for line in (kd, end2, fkl, pd))
+    assert all("--finetune-from-model" not in line for line in (kd, pd))
+    env.update(FINETUNE_FROM_KD="dirichlet_proxy_distillation", ANNEAL_CRITERIA="sequence_distribution_distillation "
+               "dirichlet_proxy_distillation", INIT_TEMP="4", ANNEAL_END="1000")
+    kd, end2, fkl, pd = trains()
+    anneal = "--init-temp 4 --anneal-start 0 --anneal-end 1000 --temper-student "
+    assert f"--criterion sequence_distribution_distillation --model-offset 1 {anneal}--max-tokens" in end2
+    assert f"--target-offset 1 {anneal}{warm}" in fkl  # both: annealed from the KD student
     env["CRITERIA"] = "rkl_dirichlet_proxy_distilation"
     proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)

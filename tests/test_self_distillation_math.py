@@ -9,8 +9,7 @@ from torch.distributions import Categorical, kl_divergence
 
 from fairseq_pdd.self_distillation import chain_report
 from fairseq_pdd.distill import fused
-from fairseq_pdd.self_distillation import gt_weight
-from fairseq_pdd.self_distillation import kernel_ridge
+from fairseq_pdd.self_distillation import gt_weight, kernel_ridge
 from fairseq_pdd.self_distillation.loss import DIAGNOSTICS, mixed_target_loss
 from fairseq_pdd.teachers.ensemble import TeacherEnsemble, TeacherError
 from fairseq_pdd.data.toy_mt import write_corpus

@@ -15,7 +15,7 @@ from fairseq import options, tasks
 from fairseq.criterions import CRITERION_DATACLASS_REGISTRY, CRITERION_REGISTRY
 
 import fairseq_pdd
-from fairseq_pdd.teachers import build_cache as teacher_cache
+from fairseq_pdd.teachers import build_cache as cache_builder
 from fairseq_pdd.teachers.cache_format import HEADER, TeacherCacheError, open_cache
 from fairseq_pdd.teachers.ensemble import TeacherEnsemble, load_teacher
 from fairseq_pdd.distill.topk_stats import compress, expand
@@ -331,7 +331,7 @@ def test_builder_refuses_other_settings_in_an_existing_cache(toy_mt, caches):
     argv = [toy_mt.data, "--ensemble-paths", ":".join(toy_mt.teachers), "--cache-dir", caches.top8,
             "--gen-subset", "valid", "--topk", "4", "--cpu"]
     with pytest.raises(SystemExit, match=r"valid exists and was built with other settings \(cache vs this run: k: 8 vs 4\)"):
-        teacher_cache.cli_main(argv)
+        cache_builder.cli_main(argv)
 
 
 # --------------------------------------------------------------------------------------------------

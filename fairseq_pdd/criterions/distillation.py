@@ -27,6 +27,8 @@ from fairseq_pdd.distill.dirichlet import PARAMETRIZATIONS, TARGET_CONCENTRATION
 from fairseq_pdd.distill.ensemble_stats import EnsembleStatistics
 
 STATS_KEY = "ensemble_stats"
+#: In training with ``--temper-student``: the annealed temperature T that divides the student's logits.
+STUDENT_TEMPERATURE_KEY = "student_temperature"
 ENSEMBLE_LOGS = ("ensemble_mkl", "ensemble_epkl", "ensemble_mi", "ensemble_precision", "ensemble_log_precision")
 STUDENT_LOGS = ("precision", "log_precision")
 
@@ -82,6 +84,8 @@ class _DistillationCriterion(FairseqCriterion):
     dirichlet = False
     #: Whether ``token_loss`` reads ``stats.mean_log_probs`` (a teacher cache then rebuilds it).
     reads_mean_log_probs = False
+    #: Whether the student's logits are divided by ``sample[STUDENT_TEMPERATURE_KEY]`` when present.
+    reads_student_temperature = True
 
     def __init__(self, task, cfg):
         super().__init__(task)
@@ -113,6 +117,9 @@ class _DistillationCriterion(FairseqCriterion):
         target = model.get_targets(sample, net_output)
         mask = target.ne(self.padding_idx)
         logits = net_output[0][mask]
+        temperature = sample.get(STUDENT_TEMPERATURE_KEY, 1.0)
+        if temperature != 1.0:
+            logits = logits / temperature
         if logits.shape != stats.mean_probs.shape:
             raise ValueError(
                 f"student output {tuple(logits.shape)} (tokens x classes) does not match the "

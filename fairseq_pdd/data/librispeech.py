@@ -30,14 +30,15 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import sentencepiece as spm
-import torch
-import torchaudio.compliance.kaldi as kaldi
 import yaml
 from tqdm import tqdm
+
+if TYPE_CHECKING:  # torch and torchaudio are imported where features are computed: --help starts fast
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def _soundfile():
     return soundfile
 
 
-def load_audio(utt: Utterance, sample_rate: int) -> torch.Tensor:
+def load_audio(utt: Utterance, sample_rate: int) -> "torch.Tensor":
     """The mono waveform (1, samples) in [-1, 1]; the file must have ``sample_rate`` Hz."""
     soundfile = _soundfile()
     try:
@@ -115,16 +116,20 @@ def load_audio(utt: Utterance, sample_rate: int) -> torch.Tensor:
         )
     if data.shape[0] == 0:
         raise PreparationError(f"audio of utterance {utt.id} ({utt.audio}) is empty")
+    import torch
+
     return torch.from_numpy(data.mean(axis=1)).unsqueeze(0)
 
 
-def fbank_features(waveform: torch.Tensor, sample_rate: int, num_mel_bins: int) -> np.ndarray:
+def fbank_features(waveform: "torch.Tensor", sample_rate: int, num_mel_bins: int) -> np.ndarray:
     """Kaldi-compatible log-mel filter banks (frames, num_mel_bins) of a (1, samples) waveform in [-1, 1].
 
     Kaldi expects 16-bit sample values, so the waveform is scaled by 2**15 first (as fairseq does).
     """
     if waveform.size(-1) < int(0.025 * sample_rate):
         raise ValueError(f"{waveform.size(-1)} samples are shorter than one 25 ms analysis window")
+    import torchaudio.compliance.kaldi as kaldi
+
     features = kaldi.fbank(waveform * 32768, num_mel_bins=num_mel_bins, sample_frequency=sample_rate)
     return features.numpy().astype(np.float32)
 

@@ -135,7 +135,10 @@ def main(argv=None) -> None:
     parser.add_argument("--train", type=int, default=2000, help="training sentences")
     parser.add_argument("--valid", type=int, default=100)
     parser.add_argument("--test", type=int, default=100)
-    parser.add_argument("--vocab-size", type=int, default=40)
+    parser.add_argument("--vocab-size", type=int, default=40, help="source words (the target vocabulary is "
+                        "about (1 + ambiguous fraction) times this)")
+    parser.add_argument("--min-len", type=int, default=3, help="shortest sentence, in words")
+    parser.add_argument("--max-len", type=int, default=8, help="longest sentence, in words")
     parser.add_argument("--ambiguous-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--label-noise", type=float, default=0.0,
@@ -143,16 +146,21 @@ def main(argv=None) -> None:
     parser.add_argument("--ood", type=int, default=0, help="also write an 'ood' split of this many sentences "
                         "with source words never seen in training")
     args = parser.parse_args(argv)
+    if not 1 <= args.min_len <= args.max_len:
+        parser.error(f"need 1 <= --min-len <= --max-len, got {args.min_len} and {args.max_len}")
     write_corpus(
         args.out_dir,
         {"train": args.train, "valid": args.valid, "test": args.test},
         vocab_size=args.vocab_size,
         ambiguous_fraction=args.ambiguous_fraction,
+        min_len=args.min_len,
+        max_len=args.max_len,
         seed=args.seed,
         label_noise=args.label_noise,
     )
     if args.ood:
-        write_unseen_vocabulary_split(args.out_dir, "ood", args.ood, args.vocab_size, seed=args.seed + 1)
+        write_unseen_vocabulary_split(args.out_dir, "ood", args.ood, args.vocab_size, args.min_len, args.max_len,
+                                      seed=args.seed + 1)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ with three hooks installed for the duration of the run:
 * after each batch is decoded, the measures of :mod:`fairseq_pdd.decoding.uncertainty` are attached to its
   n-best lists: a ``U-{id}`` line per hypothesis in fairseq's output and one JSONL record per
   hypothesis in ``--uncertainty-output`` (default ``{results_path or .}/uncertainty-{gen_subset}.jsonl``),
-  written to a temporary file and renamed when decoding finishes. The references
+  written to a temporary file (``.tmp`` appended) and renamed when decoding finishes, as is fairseq's
+  ``{results_path}/generate-{gen_subset}.txt`` with ``--results-path``, so a killed run leaves no partial
+  output under either name. The references
   (``--uncertainty-reference``), and the hypotheses themselves with ``--uncertainty-from rescore`` or with
   a generator other than fairseq's plain beam search, are re-scored teacher-forced in batched passes
   (:mod:`fairseq_pdd.decoding.rescoring`);
@@ -34,10 +36,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import fairseq_cli.generate as fairseq_generate
 import fairseq_pdd
-from fairseq_pdd.decoding import beam_uncertainty
-from fairseq_pdd.decoding import rescoring
-from fairseq_pdd.decoding import uncertainty
-from fairseq_pdd.decoding import jsonl as uncertainty_jsonl
+from fairseq_pdd.decoding import beam_uncertainty, jsonl, rescoring, uncertainty
 from fairseq_pdd.decoding.step_uncertainty import DirichletStepUncertainty, EnsembleStepUncertainty, pad_columns
 from fairseq_pdd.distill.dirichlet import concentrations
 from fairseq_pdd.distill.ensemble_stats import Workspace
@@ -119,7 +118,7 @@ class UncertaintyRun:
         self.cfg = None
         self.output_file = None
         self.predictive: Optional[DirichletPredictive] = None
-        self.records: Optional[uncertainty_jsonl.JsonlWriter] = None
+        self.records: Optional[jsonl.JsonlWriter] = None
         self.decode = None  #: the run's detokenizer / BPE decoder (built with the texts below, at first use)
         self.source_text = self.reference_text = self.hypothesis_text = None  #: SymbolText of token ids
         self.step_measures = None  #: the StepUncertainty when the measures come from beam search
@@ -130,21 +129,29 @@ class UncertaintyRun:
     # hooks ------------------------------------------------------------------------------------
     def main(self, original):
         def hooked_main(cfg, output_file):
-            self.cfg, self.output_file = cfg, output_file
             # plain values: omegaconf attribute access is slow in the per-record loop
             self.nbest, self.post_process = cfg.generation.nbest, cfg.common_eval.post_process
             self.quiet = cfg.common_eval.quiet
-            self.records = uncertainty_jsonl.JsonlWriter(self.output_path(cfg, self.args.uncertainty_output))
+            self.records = jsonl.JsonlWriter(self.output_path(cfg, self.args.uncertainty_output))
+            outputs = [self.records]
             try:
+                if self.args.results_path is not None:  # fairseq's generate-SUBSET.txt, also renamed at the end
+                    outputs.append(jsonl.ReplacedOnCommit(
+                        os.path.join(self.args.results_path, f"generate-{cfg.dataset.gen_subset}.txt"), "w",
+                        buffering=1, encoding="utf-8"))
+                    output_file = outputs[-1].file
+                self.cfg, self.output_file = cfg, output_file
                 scorer = original(cfg, output_file)
+                for model in self.models:
+                    summary = early_stop_summary(model)
+                    if summary:
+                        print(summary, file=output_file)
             except BaseException:
-                self.records.discard()  # no half-written output survives a failed run
+                for output in outputs:
+                    output.discard()  # no half-written output survives a failed run
                 raise
-            self.records.commit()
-            for model in self.models:
-                summary = early_stop_summary(model)
-                if summary:
-                    print(summary, file=output_file)
+            for output in outputs:
+                output.commit()
             return scorer
 
         return hooked_main
@@ -205,12 +212,8 @@ class UncertaintyRun:
             logger.warning("%s is not fairseq's plain beam search: its hypotheses are re-scored after decoding",
                            type(generator).__name__)
 
-    @staticmethod
-    def output_path(cfg, explicit: Optional[str]) -> str:
-        path = explicit or os.path.join(
-            cfg.common_eval.results_path or ".", f"uncertainty-{cfg.dataset.gen_subset}.jsonl"
-        )
-        return path
+    def output_path(self, cfg, explicit: Optional[str]) -> str:
+        return explicit or os.path.join(self.args.results_path or ".", f"uncertainty-{cfg.dataset.gen_subset}.jsonl")
 
     def measures(self, models, encoder_outs, batch: rescoring.HypothesisBatch, eos: int, pad: int):
         """(token measures (H, L), sequence measures (H,), predictive (H, L, K): alpha or mean probs, the
@@ -299,8 +302,8 @@ class UncertaintyRun:
         tgt_dict = task.target_dictionary
         lengths = batch.mask.sum(-1).tolist()
         ids, rows = sample["id"].tolist(), batch.source_rows.tolist()
-        token = uncertainty_jsonl.measure_arrays(token, ids, rows, batch.mask)  # one conversion per batch
-        sequence = uncertainty_jsonl.measure_arrays(sequence, ids, rows)
+        token = jsonl.measure_arrays(token, ids, rows, batch.mask)  # one conversion per batch
+        sequence = jsonl.measure_arrays(sequence, ids, rows)
         rows_tokens = batch.tokens.tolist()
         if reference_stats is not None:
             confidence = reference_stats[0].to("cpu", torch.float32).numpy()
@@ -352,12 +355,14 @@ class UncertaintyRun:
 
 def main(args) -> None:
     run = UncertaintyRun(args)
+    cfg = convert_namespace_to_omegaconf(args)
+    cfg.common_eval.results_path = None  # the run writes RESULTS_PATH/generate-SUBSET.txt itself, renamed at the end
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(fairseq_generate, "_main", run.main(fairseq_generate._main)))
         stack.enter_context(mock.patch.object(
             checkpoint_utils, "load_model_ensemble", run.load_model_ensemble(checkpoint_utils.load_model_ensemble)))
         stack.enter_context(mock.patch.object(tasks, "setup_task", run.setup_task(tasks.setup_task)))
-        fairseq_generate.main(convert_namespace_to_omegaconf(args))
+        fairseq_generate.main(cfg)
 
 
 def cli_main() -> None:
@@ -370,7 +375,7 @@ def cli_main() -> None:
     try:
         main(args)
     except (PredictiveOptionError, beam_uncertainty.NonFiniteOutputError,
-            uncertainty_jsonl.NonFiniteMeasureError) as e:
+            jsonl.NonFiniteMeasureError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

@@ -69,17 +69,14 @@ def measure_arrays(measures: Mapping[str, torch.Tensor], ids: Sequence[int], row
     return out
 
 
-class JsonlWriter:
-    """Records to ``path`` via ``path.tmp``, renamed by :meth:`commit`; :meth:`discard` removes it, so a
-    failed run leaves no half-written file."""
+class ReplacedOnCommit:
+    """A file written as ``path.tmp`` and renamed to ``path`` by :meth:`commit`; :meth:`discard` removes it,
+    so a failed run leaves no half-written file at ``path`` (a killed one leaves only ``path.tmp``)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, mode: str = "wb", **open_options):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self.file = open(path + ".tmp", "wb")
-
-    def write(self, records: Iterable[dict]) -> None:
-        self.file.write(b"".join(orjson.dumps(record, option=_OPTIONS) for record in records))
+        self.file = open(path + ".tmp", mode, **open_options)
 
     def commit(self) -> None:
         self.file.close()
@@ -88,3 +85,13 @@ class JsonlWriter:
     def discard(self) -> None:
         self.file.close()
         os.remove(self.path + ".tmp")
+
+
+class JsonlWriter(ReplacedOnCommit):
+    """Records to ``path`` via ``path.tmp`` (see :class:`ReplacedOnCommit`)."""
+
+    def __init__(self, path: str):
+        super().__init__(path, "wb")
+
+    def write(self, records: Iterable[dict]) -> None:
+        self.file.write(b"".join(orjson.dumps(record, option=_OPTIONS) for record in records))

@@ -56,6 +56,7 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
+from fairseq_pdd.distill import backend
 from fairseq_pdd.distill.dirichlet import EPS_UNCERTAINTY
 from fairseq_pdd.distill import ensemble_stats
 from fairseq_pdd.distill.ensemble_stats import EnsembleAccumulator, EnsembleStatistics
@@ -114,9 +115,20 @@ def _dirichlet_rows(alpha: torch.Tensor, tokens: Optional[torch.Tensor], workspa
                     ) -> Tuple[Measures, torch.Tensor]:
     """Measures of rows ``alpha`` (n, K) (and chosen ``tokens`` (n,)); also the rows with invalid alpha (n,).
 
-    The (n, K) work is done in three buffers of ``workspace`` (two float, one bool), in place.
+    The (n, K) work is done in three buffers of ``workspace`` (two float, one bool), in place; or, on CUDA,
+    by one Triton kernel (:mod:`fairseq_pdd.decoding.triton_measures`, chosen by :mod:`fairseq_pdd.distill.backend`).
     """
     k = alpha.shape[-1]
+    if backend.use_triton(alpha):
+        from fairseq_pdd.decoding import triton_measures  # imports triton: only when the backend chose it
+
+        columns, a0, bad = triton_measures.dirichlet_rows(alpha)
+        out = {key: columns[:, i] for i, key in enumerate(DIRICHLET_TOKEN_KEYS)}
+        if tokens is not None:
+            alpha_y = alpha.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).float()
+            out.update(dirichlet_target_measures(alpha_y, a0))
+        return out, bad
+    alpha = alpha.to(compute_dtype(alpha.dtype))
     a0 = alpha.sum(-1, keepdim=True)
     psi_alpha1 = torch.add(alpha, 1, out=workspace.like("psi_alpha1", alpha)).digamma_()
     terms = workspace.like("terms", alpha)
@@ -196,13 +208,13 @@ def dirichlet_token_measures(
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     parts, bad = [], []
     for start in range(0, rows.shape[0], step):
-        chunk = rows[start:start + step].to(compute_dtype(rows.dtype))
+        chunk = rows[start:start + step]
         chunk_tokens = None if flat_tokens is None else flat_tokens[start:start + step]
         out, chunk_bad = _dirichlet_rows(chunk, chunk_tokens, workspace)
         parts.append(out)
         bad.append(chunk_bad)
     if not parts:  # no rows
-        out, chunk_bad = _dirichlet_rows(rows.to(compute_dtype(rows.dtype)), flat_tokens, workspace)
+        out, chunk_bad = _dirichlet_rows(rows, flat_tokens, workspace)
         parts, bad = [out], [chunk_bad]
     if validate:
         bad = torch.cat(bad)

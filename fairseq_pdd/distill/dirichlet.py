@@ -27,6 +27,12 @@ ALPHA_MIN = math.exp(-30.0)
 ALPHA_MAX = math.sqrt(torch.finfo(torch.float32).max)
 
 
+def check_parametrization(parametrization: str) -> None:
+    """ValueError naming the choices unless ``parametrization`` is one of :data:`PARAMETRIZATIONS`."""
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"unknown parametrization {parametrization!r}; choose from {PARAMETRIZATIONS}")
+
+
 def alpha_and_derivative(
     z: torch.Tensor,
     parametrization: str = "exp",
@@ -39,15 +45,14 @@ def alpha_and_derivative(
     The derivative is None when ``need_derivative`` is False. ``num_classes`` (default: the last
     dimension of ``z``) sets the clamp, for callers that pass a subset of a row.
     """
+    check_parametrization(parametrization)
     upper = ALPHA_MAX / (num_classes or z.shape[-1])
     if parametrization == "exp":
         raw = z.exp()
         derivative = raw if need_derivative else None
-    elif parametrization == "softplus":
+    else:
         raw = F.softplus(z)
         derivative = torch.sigmoid(z) if need_derivative else None
-    else:
-        raise ValueError(f"unknown parametrization {parametrization!r}; choose from {PARAMETRIZATIONS}")
     clamped = raw.clamp(ALPHA_MIN, upper)
     if need_derivative:
         derivative = torch.where(clamped == raw, derivative, torch.zeros_like(derivative))

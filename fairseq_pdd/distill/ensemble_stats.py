@@ -14,11 +14,13 @@ so they are accumulated one member at a time: memory is four (N, K) float32 tens
     EPKL                     = -sum_k pbar_k mlog_k - EH
     MKL                      = sum_k pbar_k (log pbar_k - mlog_k) = -sum_k pbar_k mlog_k - H[pbar]
 """
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 
+from fairseq_pdd.distill import backend
 from fairseq_pdd.distill.fused import compute_dtype
 
 
@@ -76,6 +78,14 @@ def dot_rows(a: torch.Tensor, b: torch.Tensor, scratch: Optional[torch.Tensor] =
     return torch.mul(a, b, out=scratch).sum(-1)
 
 
+def dot_log_rows(p: torch.Tensor, log_q: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum_k p_k log_q_k`` over the last dimension with ``0 * log 0 = 0``: a class that every member gives
+    probability 0 (``p_k = 0``, ``log_q_k = -inf``) adds nothing, where the plain product is NaN. With
+    finite or -inf ``log_q`` a NaN product can only be that case, so it is zeroed in place (no mask tensor);
+    ``p_k > 0`` with ``log_q_k = -inf`` still gives -inf."""
+    return torch.mul(p, log_q, out=scratch).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
+
+
 class Workspace:
     """Named buffers kept between uses and only grown: :meth:`like` gives an uninitialised tensor over the
     name's storage. On CPU a fresh large tensor costs its page faults, often more than the arithmetic done
@@ -114,15 +124,25 @@ class EnsembleAccumulator:
         self._scratch: Optional[torch.Tensor] = None
         self._count = 0
         self._finalized = False
+        self._triton = False  #: whether the Triton kernels accumulate (decided by the first member)
 
-    def add(self, log_probs: torch.Tensor) -> torch.Tensor:
+    def add(self, log_probs: torch.Tensor, return_probs: bool = True) -> Optional[torch.Tensor]:
         """Add one member's log-probabilities (N, K); half precision is upcast to float32.
 
         Returns the member's probabilities (N, K), valid until the next ``add`` (which may update them
-        in place).
+        in place); None if not ``return_probs`` (the Triton path then does not write them).
         """
         if self._finalized:
             raise RuntimeError("EnsembleAccumulator.add() after finalize(); start a new accumulator")
+        if self._count == 0:
+            self._triton = backend.use_triton(log_probs)
+        elif log_probs.shape != self._sum_probs.shape:
+            raise ValueError(
+                f"ensemble member {self._count} gives log-probabilities of shape "
+                f"{tuple(log_probs.shape)}, the first gave {tuple(self._sum_probs.shape)}"
+            )
+        if self._triton:
+            return self._add_triton(log_probs, return_probs)
         log_probs = log_probs.to(compute_dtype(log_probs.dtype))
         if self._count == 0:
             self._sum_probs, self._sum_log_probs, self._scratch = (
@@ -130,11 +150,6 @@ class EnsembleAccumulator:
             probs = torch.exp(log_probs, out=self._sum_probs)
             self._sum_log_probs.copy_(log_probs)
         else:
-            if log_probs.shape != self._sum_probs.shape:
-                raise ValueError(
-                    f"ensemble member {self._count} gives log-probabilities of shape "
-                    f"{tuple(log_probs.shape)}, the first gave {tuple(self._sum_probs.shape)}"
-                )
             probs = torch.exp(log_probs, out=self._workspace.like("probs", log_probs))
             self._sum_probs += probs
             self._sum_log_probs += log_probs
@@ -143,13 +158,43 @@ class EnsembleAccumulator:
         entropy = -dot_rows(clamped, probs, self._scratch)
         self._sum_entropy = entropy if self._count == 0 else self._sum_entropy.add_(entropy)
         self._count += 1
-        return probs
+        return probs if return_probs else None
+
+    def _add_triton(self, log_probs: torch.Tensor, return_probs: bool) -> Optional[torch.Tensor]:
+        from fairseq_pdd.distill import triton_stats  # imports triton: only when the backend chose it
+
+        dtype, k = compute_dtype(log_probs.dtype), log_probs.shape[-1]
+        rows = log_probs.reshape(-1, k)
+        if self._count == 0:
+            self._sum_probs, self._sum_log_probs = (
+                self._workspace.like(name, log_probs, dtype) for name in ("sum_probs", "sum_log_probs"))
+            self._sum_entropy = log_probs.new_empty(log_probs.shape[:-1], dtype=dtype)
+            probs = self._sum_probs
+            triton_stats.accumulate(rows, self._sum_probs.view(-1, k), self._sum_log_probs.view(-1, k),
+                                    self._sum_entropy.view(-1), first=True)
+        else:
+            probs = self._workspace.like("probs", log_probs, dtype) if return_probs else None
+            triton_stats.accumulate(rows, self._sum_probs.view(-1, k), self._sum_log_probs.view(-1, k),
+                                    self._sum_entropy.view(-1), first=False,
+                                    probs=None if probs is None else probs.view(-1, k))
+        self._count += 1
+        return probs if return_probs else None
 
     def finalize(self) -> EnsembleStatistics:
         if self._count == 0:
             raise ValueError("no ensemble member was added")
         m = self._count
         self._finalized = True
+        if self._triton:
+            from fairseq_pdd.distill import triton_stats
+
+            k = self._sum_probs.shape[-1]
+            entropy, cross = triton_stats.finalize(self._sum_probs.view(-1, k), self._sum_log_probs.view(-1, k), m)
+            lead = self._sum_probs.shape[:-1]
+            stats = EnsembleStatistics(self._sum_probs, self._sum_log_probs, self._sum_entropy / m,
+                                       entropy.view(lead), cross.view(lead), m)
+            self._sum_probs = self._sum_log_probs = None
+            return stats
         mean_probs = self._sum_probs.div_(m)
         mean_log_probs = self._sum_log_probs.div_(m)
         self._sum_probs = self._sum_log_probs = None
@@ -158,7 +203,7 @@ class EnsembleAccumulator:
             mean_log_probs=mean_log_probs,
             expected_entropy=self._sum_entropy / m,
             entropy_of_expected=entropy_of(mean_probs, self._scratch),
-            cross_entropy=-dot_rows(mean_probs, mean_log_probs, self._scratch),
+            cross_entropy=-dot_log_rows(mean_probs, mean_log_probs, self._scratch),
             num_models=m,
         )
 
@@ -167,5 +212,5 @@ def ensemble_statistics(member_log_probs: Iterable[torch.Tensor]) -> EnsembleSta
     """Statistics of an iterable of members' log-probabilities (each (N, K)), streamed."""
     acc = EnsembleAccumulator()
     for log_probs in member_log_probs:
-        acc.add(log_probs)
+        acc.add(log_probs, return_probs=False)
     return acc.finalize()

@@ -11,7 +11,12 @@ backward pass, and the temporaries live for one chunk at a time. Peak memory is 
 
 Computation is in float32 (or float64 when the logits are float64, which the gradient checks use);
 float16/bfloat16 logits are upcast per chunk.
+
+The autograd node (:func:`token_loss_with_gradient`) is shared with the Triton kernels of
+:mod:`fairseq_pdd.distill.triton_losses`, which compute the same four values for all rows at once and
+need no chunks (their only (N, K) output is the gradient).
 """
+import functools
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -27,28 +32,40 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class _ChunkedTokenLoss(torch.autograd.Function):
+def _chunked_rows(kernel, num_extras, logits, need_grad, *targets):
+    """Run ``kernel`` chunk by chunk; (loss (N,), log-normaliser (N,), extras (N, E), dL/dz (N, K) or None)."""
+    n, k = logits.shape
+    dtype = compute_dtype(logits.dtype)
+    rows = max(1, CHUNK_ELEMENTS // max(k, 1))
+    loss = logits.new_empty(n, dtype=dtype)
+    log_norm = logits.new_empty(n, dtype=dtype)
+    extras = logits.new_empty(n, num_extras, dtype=dtype)
+    grad = logits.new_empty(n, k, dtype=gradient_dtype(logits.dtype)) if need_grad else None
+    for start in range(0, n, rows):
+        sl = slice(start, start + rows)
+        chunk_targets = [t[sl].to(dtype) for t in targets]
+        out = kernel(logits[sl].to(dtype), *chunk_targets, need_grad=need_grad)
+        loss[sl] = out[0]
+        log_norm[sl] = out[2]
+        if num_extras:
+            extras[sl] = out[3]
+        if need_grad:
+            grad[sl] = out[1]
+    return loss, log_norm, extras, grad
+
+
+def gradient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the kept gradient: the logits' own, but float32 for float16 logits (fp16 gradients would
+    underflow before the loss scale multiplies them)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+class _TokenLossWithGradient(torch.autograd.Function):
+    """A per-token loss whose ``compute`` returns its gradient with the values; backward scales it."""
+
     @staticmethod
-    def forward(ctx, logits, kernel, need_grad, num_extras, *targets):
-        n, k = logits.shape
-        dtype = compute_dtype(logits.dtype)
-        rows = max(1, CHUNK_ELEMENTS // max(k, 1))
-        loss = logits.new_empty(n, dtype=dtype)
-        log_norm = logits.new_empty(n, dtype=dtype)
-        extras = logits.new_empty(n, num_extras, dtype=dtype)
-        # fp16 gradients would underflow before the loss scale multiplies them: keep fp32.
-        grad_dtype = torch.float32 if logits.dtype == torch.float16 else logits.dtype
-        grad = logits.new_empty(n, k, dtype=grad_dtype) if need_grad else None
-        for start in range(0, n, rows):
-            sl = slice(start, start + rows)
-            chunk_targets = [t[sl].to(dtype) for t in targets]
-            out = kernel(logits[sl].to(dtype), *chunk_targets, need_grad=need_grad)
-            loss[sl] = out[0]
-            log_norm[sl] = out[2]
-            if num_extras:
-                extras[sl] = out[3]
-            if need_grad:
-                grad[sl] = out[1]
+    def forward(ctx, logits, compute, need_grad, *targets):
+        loss, log_norm, extras, grad = compute(logits, need_grad, *targets)
         ctx.grad = grad
         ctx.num_targets = len(targets)
         ctx.mark_non_differentiable(log_norm, extras)
@@ -58,7 +75,25 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_log_norm, _grad_extras):
         grad = ctx.grad
         grad_logits = grad * grad_loss.to(grad.dtype).unsqueeze(-1)
-        return (grad_logits, None, None, None) + (None,) * ctx.num_targets
+        return (grad_logits, None, None) + (None,) * ctx.num_targets
+
+
+def token_loss_with_gradient(compute, logits: torch.Tensor, *targets: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The autograd node shared by the torch and the Triton paths: (loss (N,), log-normaliser (N,), extras (N, E)).
+
+    ``compute(logits, need_grad, *targets) -> (loss, log_norm, extras, dL/dz (N, K) or None)`` computes
+    everything in the forward pass; only the gradient is kept for backward. Checks the shapes first.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"expected (N, K) logits, got shape {tuple(logits.shape)}")
+    for t in targets:
+        if t.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"target rows ({t.shape[0]}) do not match logit rows ({logits.shape[0]})"
+            )
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    targets = tuple(t.detach() for t in targets)
+    return _TokenLossWithGradient.apply(logits, compute, need_grad, *targets)
 
 
 def chunked_token_loss(
@@ -75,14 +110,6 @@ def chunked_token_loss(
         logits: (N, K) student logits; differentiable.
         targets: tensors with leading dimension N (detached teacher statistics).
     """
-    if logits.dim() != 2:
-        raise ValueError(f"expected (N, K) logits, got shape {tuple(logits.shape)}")
-    for t in targets:
-        if t.shape[0] != logits.shape[0]:
-            raise ValueError(
-                f"target rows ({t.shape[0]}) do not match logit rows ({logits.shape[0]})"
-            )
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
-    targets = tuple(t.detach() for t in targets)
-    loss, log_norm, extras = _ChunkedTokenLoss.apply(logits, kernel, need_grad, num_extras, *targets)
+    compute = functools.partial(_chunked_rows, kernel, num_extras)
+    loss, log_norm, extras = token_loss_with_gradient(compute, logits, *targets)
     return (loss, log_norm, extras) if num_extras else (loss, log_norm)

@@ -19,13 +19,24 @@ psi1 = trigamma, lnG = lgamma, ``e = d alpha / d z``.
   ``dL/dz_j = e_j [psi(alpha_j) - psi(a0) - mlog_j]``.
 * :func:`mean_kd_loss` (KD to the ensemble mean) ``KL(pbar || softmax(z))``;
   ``dL/dz = softmax(z) - pbar``.
+
+The kernels here are the reference and the CPU path. For CUDA logits (not float64) the same losses run
+as one Triton kernel each (:mod:`fairseq_pdd.distill.triton_losses`) when triton imports; the environment
+variable ``FAIRSEQ_PDD_KERNELS=auto|torch|triton`` overrides the choice (:mod:`fairseq_pdd.distill.backend`).
 """
 from functools import partial
 
 import torch
 
+from fairseq_pdd.distill import backend
 from fairseq_pdd.distill.dirichlet import alpha_and_derivative
 from fairseq_pdd.distill.fused import chunked_token_loss
+
+
+def _triton_loss(name, z, target, row_scale=None, **options):
+    from fairseq_pdd.distill import triton_losses  # imports triton: only when the backend chose it
+
+    return triton_losses.token_loss(name, z, target, row_scale, **options)
 
 
 def _digamma_gap(p, p0):
@@ -96,6 +107,8 @@ def rkl_proxy_loss(z, mean_probs, scale, parametrization="exp", model_offset=0.0
     Args:
         z: (N, K) student logits. mean_probs: pbar (N, K). scale: B (N,).
     """
+    if backend.use_triton(z):
+        return _triton_loss("rkl", z, mean_probs, scale, parametrization=parametrization, model_offset=model_offset)
     kernel = partial(_rkl_kernel, parametrization=parametrization, offset=model_offset)
     return chunked_token_loss(kernel, z, mean_probs, scale)
 
@@ -106,6 +119,9 @@ def fkl_proxy_loss(z, mean_probs, precision, target_offset=0.0, parametrization=
     Args:
         z: (N, K) student logits. mean_probs: pbar (N, K). precision: beta0 (N,).
     """
+    if backend.use_triton(z):
+        return _triton_loss("fkl", z, mean_probs, precision, parametrization=parametrization,
+                            model_offset=model_offset, target_offset=target_offset)
     kernel = partial(
         _fkl_kernel, parametrization=parametrization, offset=model_offset, target_offset=target_offset
     )
@@ -114,10 +130,14 @@ def fkl_proxy_loss(z, mean_probs, precision, target_offset=0.0, parametrization=
 
 def dirichlet_nll_loss(z, mean_log_probs, parametrization="exp", model_offset=0.0):
     """EnD2 per-token loss (N,) and ``log a0`` (N,): mean over members of ``-log Dir(p_m; alpha)``, from mlog (N, K)."""
+    if backend.use_triton(z):
+        return _triton_loss("nll", z, mean_log_probs, parametrization=parametrization, model_offset=model_offset)
     kernel = partial(_nll_kernel, parametrization=parametrization, offset=model_offset)
     return chunked_token_loss(kernel, z, mean_log_probs)
 
 
 def mean_kd_loss(z, mean_probs):
     """KD to the ensemble mean per token (N,): ``KL(pbar || softmax(z))``, and ``logsumexp(z)``."""
+    if backend.use_triton(z):
+        return _triton_loss("kd", z, mean_probs)
     return chunked_token_loss(_kd_kernel, z, mean_probs)

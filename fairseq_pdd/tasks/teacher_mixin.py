@@ -12,17 +12,33 @@ With ``--teacher-cache DIR`` no teacher is loaded: every loaded subset is wrappe
 or, when ``--ensemble-paths`` names them, other teachers), and the statistics are rebuilt on the
 step's device from the cached top-k (:func:`fairseq_pdd.distill.topk_stats.expand`), so the criteria run
 unchanged (a self-distillation criterion gets the log of the rebuilt mean).
+
+Temperature annealing (``--init-temp T0 --anneal-start S --anneal-end E``, off by default): in
+training each teacher's distribution is ``softmax(z_m / T(u))`` before the streamed accumulation,
+with ``T`` annealed from ``T0`` to 1 over updates S..E (:mod:`fairseq_pdd.distill.temperature`; ``u`` =
+fairseq's ``update_num``, so resuming from a checkpoint continues the schedule). It applies to every
+criterion that reads the teachers (their statistics or their mean); with ``--temper-student`` the
+ensemble-distillation criteria also divide the student's logits by T (``sample["student_temperature"]``,
+training only). Validation always uses ``T = 1``:
+the valid loss then measures the student against the real targets, comparable across updates and
+runs, and ``checkpoint_best`` is chosen on it. The training logs carry ``teacher_temperature`` (the
+token-weighted mean of T over the logged updates). A teacher cache stores only ``T = 1`` statistics
+of the ensemble mean (the members' tempered distributions, whose mean and disagreement are not
+functions of the cached ones, are gone), so annealing with ``--teacher-cache`` is refused.
 """
 import logging
 from dataclasses import dataclass, field
 
 import torch
+from fairseq import utils
+from fairseq.logging import metrics
 
 from fairseq_pdd.teachers import cache_dataset
 from fairseq_pdd.teachers.cache_format import teacher_fingerprint
-from fairseq_pdd.criterions.distillation import STATS_KEY
+from fairseq_pdd.criterions.distillation import STATS_KEY, STUDENT_TEMPERATURE_KEY
 from fairseq_pdd.criterions.self_distillation import TEACHER_LOG_PROBS_KEY
 from fairseq_pdd.teachers.ensemble import TeacherEnsemble, TeacherError, split_paths
+from fairseq_pdd.distill.temperature import AnnealingError, TemperatureSchedule
 from fairseq_pdd.distill.topk_stats import expand
 
 logger = logging.getLogger(__name__)
@@ -45,6 +61,21 @@ class TeacherEnsembleConfig:
     teacher_cache_skip_checksums: bool = field(
         default=False, metadata={"help": "check only the sizes of the cache's arrays, not their sha256"}
     )
+    init_temp: float = field(
+        default=1.0,
+        metadata={"help": "teacher temperature T0 at the start of training: teachers give softmax(z / T), T "
+                  "annealed linearly from T0 to 1 between --anneal-start and --anneal-end (1: no annealing)"},
+    )
+    anneal_start: int = field(default=0, metadata={"help": "last update at the initial teacher temperature"})
+    anneal_end: int = field(default=0, metadata={"help": "first update at teacher temperature 1"})
+    temper_student: bool = field(
+        default=False,
+        metadata={"help": "in training also divide the student's logits by the annealed T (both sides tempered, "
+                  "as in the EnD2 reference code's alpha = exp(z / T)); the ensemble-distillation criteria only"},
+    )
+
+
+TEMPERATURE_LOG = "teacher_temperature"
 
 
 class TeacherEnsembleMixin:
@@ -52,6 +83,22 @@ class TeacherEnsembleMixin:
     ``speech_to_text``) carry :class:`TeacherEnsembleConfig`'s fields."""
 
     teachers = None
+    _temperature_schedule = None
+
+    def temperature_schedule(self) -> TemperatureSchedule:
+        """The teachers' temperature schedule of the options (checked on the first call)."""
+        if self._temperature_schedule is None:
+            options = self.teacher_options
+            schedule = TemperatureSchedule(options.init_temp, options.anneal_start, options.anneal_end)
+            if schedule.active and options.teacher_cache:
+                raise AnnealingError(
+                    f"--init-temp {options.init_temp} anneals the teachers' temperature, but --teacher-cache "
+                    "holds only their T = 1 statistics (the mean of the members' tempered distributions "
+                    "and their disagreement cannot be recovered from it): train with the teachers online "
+                    "(--ensemble-paths, no --teacher-cache) or without annealing (--init-temp 1)"
+                )
+            self._temperature_schedule = schedule
+        return self._temperature_schedule
 
     @property
     def teacher_options(self):
@@ -68,6 +115,7 @@ class TeacherEnsembleMixin:
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         if not self.teacher_options.teacher_cache:
             return
+        self.temperature_schedule()  # refuses annealing before the cache is opened
         if not hasattr(self, "_teacher_caches"):
             self._teacher_caches = {}
             self._teacher_fingerprint = teacher_fingerprint(split_paths(self.teacher_options.ensemble_paths))
@@ -93,6 +141,10 @@ class TeacherEnsembleMixin:
     def build_criterion(self, cfg, *args, **kwargs):
         criterion = super().build_criterion(cfg, *args, **kwargs)
         options = self.teacher_options
+        if getattr(criterion, "needs_ensemble", False):
+            self.temperature_schedule()  # refuses bad annealing options before any teacher is loaded
+            if options.temper_student and not getattr(criterion, "reads_student_temperature", False):
+                raise AnnealingError(f"--temper-student: criterion '{cfg._name}' does not temper the student's logits")
         if getattr(criterion, "needs_ensemble", False) and self.teachers is None and not options.teacher_cache:
             paths = split_paths(self.teacher_options.ensemble_paths)
             if not paths:
@@ -102,7 +154,9 @@ class TeacherEnsembleMixin:
             self.teachers = TeacherEnsemble.load(paths, self, self.teacher_dtype())
         return criterion
 
-    def attach_ensemble_statistics(self, sample, criterion) -> None:
+    def attach_ensemble_statistics(self, sample, criterion, temperature: float = 1.0) -> None:
+        """What ``criterion`` reads of the teachers, at ``temperature`` (a teacher cache is at T = 1:
+        :meth:`temperature_schedule` refuses annealing with one)."""
         if not getattr(criterion, "needs_ensemble", False):
             return
         target = sample["target"]
@@ -119,14 +173,31 @@ class TeacherEnsembleMixin:
                 sample[STATS_KEY] = stats
         elif self.teachers is not None:
             if log_predictive:
-                sample[TEACHER_LOG_PROBS_KEY] = self.teachers.log_predictive(sample, mask)
+                sample[TEACHER_LOG_PROBS_KEY] = self.teachers.log_predictive(sample, mask, temperature)
             else:
-                sample[STATS_KEY] = self.teachers.statistics(sample, mask)
+                sample[STATS_KEY] = self.teachers.statistics(sample, mask, temperature)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
-        self.attach_ensemble_statistics(sample, criterion)
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs)
+        schedule = self.temperature_schedule()
+        anneal = getattr(criterion, "needs_ensemble", False) and schedule.active
+        temperature = schedule(update_num) if anneal else 1.0
+        self.attach_ensemble_statistics(sample, criterion, temperature)
+        if anneal and self.teacher_options.temper_student:
+            sample[STUDENT_TEMPERATURE_KEY] = temperature
+        loss, sample_size, logging_output = super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad, **kwargs
+        )
+        if anneal:
+            logging_output[TEMPERATURE_LOG] = temperature * logging_output["ntokens"]
+        return loss, sample_size, logging_output
 
     def valid_step(self, sample, model, criterion):
         self.attach_ensemble_statistics(sample, criterion)
         return super().valid_step(sample, model, criterion)
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        if any(TEMPERATURE_LOG in log for log in logging_outputs):
+            ntokens = utils.item(sum(log.get("ntokens", 0) for log in logging_outputs))
+            total = utils.item(sum(log.get(TEMPERATURE_LOG, 0) for log in logging_outputs))
+            metrics.log_scalar(TEMPERATURE_LOG, total / ntokens if ntokens else 1.0, ntokens, round=4)

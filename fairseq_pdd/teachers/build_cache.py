@@ -262,6 +262,11 @@ def main(args) -> None:
         raise TeacherCacheError(f"--task {cfg.task._name} has no teachers: use --task distillation")
     if getattr(cfg.task, "teacher_cache", None):
         raise TeacherCacheError("--teacher-cache is for training from a cache; pass --cache-dir to build one")
+    if cfg.task.init_temp != 1.0:
+        raise TeacherCacheError(
+            f"--init-temp {cfg.task.init_temp}: a cache stores the teachers' T = 1 statistics, and annealing "
+            "needs the teachers online (train with --ensemble-paths and no --teacher-cache)"
+        )
     if not 0 <= cfg.dataset.shard_id < cfg.dataset.num_shards:
         raise TeacherCacheError(f"--shard-id {cfg.dataset.shard_id} not in [0, --num-shards {cfg.dataset.num_shards})")
     if args.part_sentences < 1:

@@ -37,6 +37,8 @@ import torch
 
 from fairseq_pdd.distill.topk_stats import TopKStatistics
 
+#: the on-disk format name written to and checked in ``header.json`` (kept from before the package
+#: layout, so caches built then stay readable)
 FORMAT = "fairseq_pdd.teacher_cache"
 FORMAT_VERSION = 1
 HEADER = "header.json"

@@ -165,8 +165,9 @@ class TeacherEnsemble:
             self.device = device
         return self
 
-    def _member_log_probs(self, sample: dict, mask: torch.Tensor):
-        """Each teacher's log-probabilities (N, K), float32, at the masked positions, one at a time.
+    def _member_log_probs(self, sample: dict, mask: torch.Tensor, temperature: float = 1.0):
+        """Each teacher's log-probabilities ``log_softmax(z / temperature)`` (N, K), float32, at the
+        masked positions, one at a time (the temperature divides one member's logits in place).
 
         When exhausted, raises :class:`TeacherError` naming the teacher and the sample ids if any
         teacher's log-probabilities are not finite (one device sync per batch).
@@ -175,6 +176,8 @@ class TeacherEnsemble:
         finite = []
         for model in self.models:
             logits = model(**sample["net_input"])[0][mask]
+            if temperature != 1.0:
+                logits.div_(temperature)
             log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             del logits
             finite.append(torch.isfinite(log_probs).all())
@@ -188,23 +191,25 @@ class TeacherEnsemble:
             raise TeacherError(f"non-finite teacher outputs from {', '.join(bad)} on sample ids {ids}")
 
     @torch.inference_mode()
-    def statistics(self, sample: dict, mask: torch.Tensor) -> EnsembleStatistics:
-        """Streamed statistics over the positions where ``mask`` (B, T) is True, in row-major order."""
+    def statistics(self, sample: dict, mask: torch.Tensor, temperature: float = 1.0) -> EnsembleStatistics:
+        """Streamed statistics over the positions where ``mask`` (B, T) is True, in row-major order, of the
+        members' distributions at ``temperature`` (``softmax(z_m / T)``)."""
         acc = EnsembleAccumulator()
-        for log_probs in self._member_log_probs(sample, mask):
-            acc.add(log_probs)
+        for log_probs in self._member_log_probs(sample, mask, temperature):
+            acc.add(log_probs, return_probs=False)
             del log_probs
         return acc.finalize()
 
     @torch.inference_mode()
-    def log_predictive(self, sample: dict, mask: torch.Tensor) -> torch.Tensor:
-        """``log pbar`` (N, K), float32: the log of the teachers' mean distribution at the masked positions.
+    def log_predictive(self, sample: dict, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """``log pbar`` (N, K), float32: the log of the teachers' mean distribution at the masked positions
+        (of the members' distributions at ``temperature``).
 
         One (N, K) buffer whatever M (``log pbar = logsumexp_m log p_m - log M``, accumulated in
         place); for one teacher it is its log-softmax.
         """
         total = None
-        for log_probs in self._member_log_probs(sample, mask):
+        for log_probs in self._member_log_probs(sample, mask, temperature):
             total = log_probs if total is None else torch.logaddexp(total, log_probs, out=total)
             del log_probs
         if len(self.models) > 1:

@@ -14,6 +14,8 @@ if [ "$LABEL_SMOOTHING" != 0 ]; then
 fi
 # shellcheck disable=SC2206
 teacher_extra=($TEACHER_EXTRA)
+stage "2/4 teachers: $(update_size TEACHER_ frames)"
 train_teachers 2/4 "$DATA" --task speech_to_text "${data_args[@]}" "${model_args[@]}" "${optim[@]}" \
   --clip-norm "$TEACHER_CLIP_NORM" "${criterion[@]}" --max-tokens "$TEACHER_MAX_TOKENS" \
-  --max-epoch "$TEACHER_MAX_EPOCH" --keep-last-epochs "$KEEP_LAST_EPOCHS" "${teacher_device_args[@]}" "${extra[@]}" "${teacher_extra[@]}"
+  --update-freq "$TEACHER_UPDATE_FREQ" --max-epoch "$TEACHER_MAX_EPOCH" --keep-last-epochs "$KEEP_LAST_EPOCHS" \
+  "${teacher_device_args[@]}" "${extra[@]}" "${teacher_extra[@]}"

@@ -9,6 +9,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/config.sh"
 mapfile -t optim < <(optim_args "$TEACHER_CLIP_NORM" "$TEACHER_DROPOUT")
 # shellcheck disable=SC2206
 teacher_extra=($TEACHER_EXTRA)
+stage "2/5 teachers: $(update_size TEACHER_)"
 train_teachers 2/5 "$DATA" "${model_args[@]}" "${optim[@]}" \
   --criterion label_smoothed_cross_entropy --label-smoothing "$LABEL_SMOOTHING" \
   --max-tokens "$TEACHER_MAX_TOKENS" --update-freq "$TEACHER_UPDATE_FREQ" --max-update "$TEACHER_MAX_UPDATE" \
