@@ -210,3 +210,35 @@ def test_a_class_every_member_rules_out_adds_nothing():
     for key in ("expected_entropy", "entropy_of_expected", "mutual_information", "epkl", "mkl"):
         assert torch.isfinite(got[key]).all(), key
         torch.testing.assert_close(got[key].double(), want[key], rtol=1e-5, atol=2e-5, msg=key)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_weighted_mixture_matches_brute_force(m):
+    """With per-row weights w (N, M): H[q] and -sum_k q_k mlog_k of q = sum_m w_m p_m, from the stack."""
+    log_probs = member_log_probs(m, n=5, k=30, seed=7)
+    weights = torch.softmax(torch.randn(5, m, generator=torch.Generator().manual_seed(8)), -1)
+    acc = EnsembleAccumulator()
+    for member, weight in zip(log_probs, weights.t()):
+        assert acc.add(member, return_probs=False, weight=weight) is None
+    stats = acc.finalize()
+    q = torch.einsum("nm,mnk->nk", weights.double(), log_probs.double().exp())
+    want_entropy = Categorical(probs=q).entropy()
+    want_cross = -(q * brute_force(log_probs)["mean_log_probs"]).sum(-1)
+    torch.testing.assert_close(stats.mixture_entropy.double(), want_entropy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.mixture_cross_entropy.double(), want_cross, rtol=1e-5, atol=1e-6)
+    assert_statistics_close(streamed(stats), brute_force(log_probs))
+    assert ensemble_statistics(iter(log_probs)).mixture_entropy is None
+
+
+def test_mixture_weights_for_some_members_only_raise():
+    log_probs = member_log_probs(2, n=3, k=5)
+    acc = EnsembleAccumulator()
+    acc.add(log_probs[0], weight=torch.ones(3))
+    with pytest.raises(ValueError, match="member 1 is added without a mixture weight, unlike the first"):
+        acc.add(log_probs[1])
+    acc = EnsembleAccumulator()
+    acc.add(log_probs[0])
+    with pytest.raises(ValueError, match="member 1 is added with a mixture weight, unlike the first"):
+        acc.add(log_probs[1], weight=torch.ones(3))
+    with pytest.raises(ValueError, match=r"mixture weight of shape \(4,\) .* expected \(3,\)"):
+        EnsembleAccumulator().add(log_probs[0], weight=torch.ones(4))

@@ -52,11 +52,16 @@ def test_kernels_compile_for_an_h100_class_gpu_without_one():
         grad = "*fp32" if dtype == "fp16" else f"*{dtype}"
         build(triton_losses._token_loss_kernel, dict(loss_args, z_ptr=f"*{dtype}", grad_ptr=grad),
               {"LOSS": loss, "PARAM": param, "NEED_GRAD": True, "BLOCK": triton_losses.MAX_BLOCK})
-    build(triton_stats._accumulate_kernel,
-          {"lp_ptr": "*bf16", "sum_p_ptr": "*fp32", "sum_lp_ptr": "*fp32", "probs_ptr": "*fp32", "entropy_ptr": "*fp32",
-           "K": "i32", "lp_stride": "i32"}, {"FIRST": False, "WRITE_PROBS": True, "BLOCK": triton_stats.MAX_BLOCK})
-    build(triton_stats._finalize_kernel, {"sum_p_ptr": "*fp32", "sum_lp_ptr": "*fp32", "entropy_ptr": "*fp32",
-                                          "cross_ptr": "*fp32", "K": "i32", "inv_m": "fp32"}, {"BLOCK": 1024})
+    for mixture in (False, True):
+        build(triton_stats._accumulate_kernel,
+              {"lp_ptr": "*bf16", "sum_p_ptr": "*fp32", "sum_lp_ptr": "*fp32", "probs_ptr": "*fp32",
+               "entropy_ptr": "*fp32", "ep_ptr": "*fp32", "weight_ptr": "*fp32", "K": "i32", "lp_stride": "i32",
+               "weight_stride": "i32"},
+              {"FIRST": mixture, "WRITE_PROBS": not mixture, "MIXTURE": mixture, "BLOCK": triton_stats.MAX_BLOCK})
+        build(triton_stats._finalize_kernel,
+              {"sum_p_ptr": "*fp32", "sum_lp_ptr": "*fp32", "entropy_ptr": "*fp32", "cross_ptr": "*fp32",
+               "ep_ptr": "*fp32", "ep_entropy_ptr": "*fp32", "ep_cross_ptr": "*fp32", "K": "i32", "inv_m": "fp32"},
+              {"MIXTURE": mixture, "BLOCK": 1024})
     build(triton_measures._dirichlet_measures_kernel, {"alpha_ptr": "*fp16", "out_ptr": "*fp32", "a0_ptr": "*fp32",
                                                        "bad_ptr": "*i8", "K": "i32", "stride": "i32"}, {"BLOCK": 1024})
 
@@ -68,6 +73,7 @@ def test_the_torch_path_does_not_import_triton():
             "z = torch.randn(3, 5, requires_grad=True); p = torch.softmax(torch.randn(3, 5), -1); "
             "losses.rkl_proxy_loss(z, p, torch.full((3,), 9.0))[0].sum().backward(); "
             "ensemble_stats.ensemble_statistics([p.log()]); uncertainty.dirichlet_token_measures(p + 1); "
+            "step_uncertainty.EnsembleStepUncertainty(2).step([p.log(), p.log()], torch.zeros(3, 1).long(), 2); "
             "print('triton' in sys.modules)")
     env = {key: value for key, value in os.environ.items() if key != backend.ENV_VAR}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout

@@ -389,3 +389,74 @@ def test_in_beam_student_columns_match_torch_path(use):
         use(choice)
         columns[choice] = DirichletStepUncertainty().step(alpha, tokens, eos=2)
     assert_within(columns["triton"], columns["torch"], rtol=2e-5, atol=1e-6 * columns["torch"].abs().max())
+
+
+# 5. the ensemble's measures in the beam (statistics with the expectation-of-products mixture) -----
+
+
+def ensemble_step_columns(members, order):
+    """Columns (rows, C) of :class:`EnsembleStepUncertainty` at a second step, after the beam was re-ordered by
+    ``order`` and extended by token 3, so that the EP weights ``softmax_m(log p_m(y_0))`` differ by member."""
+    from fairseq_pdd.decoding.step_uncertainty import EnsembleStepUncertainty
+
+    rows = members.shape[1]
+    measures = EnsembleStepUncertainty(members.shape[0])
+    measures.step(list(members), torch.full((rows, 1), 2), eos=2)
+    measures.reorder(order)
+    return measures.step(list(members.flip(1)), torch.tensor([2, 3]).repeat(rows, 1), eos=2)
+
+
+def extreme_members(m, k):
+    """M members' log-probabilities (4, K): row 0 with a class member 0 rules out (-inf), row 1 a class every
+    member rules out, row 2 from logits of scale 1e4 (log-probabilities down to -1e5, probabilities 0 or 1),
+    row 3 plain."""
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(m, 4, k, generator=g) * 3.0
+    logits[0, 0, 1] = float("-inf")
+    logits[:, 1, 2] = float("-inf")
+    logits[:, 2] *= 1e4
+    return logits.log_softmax(-1)
+
+
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("rows, k, block", [(5, 37, 1024), (4, 300, 128), (1, 50, 1024)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_in_beam_ensemble_columns_match_torch_path(use, monkeypatch, m, rows, k, block, dtype):
+    """Against the float64 torch path on the same (half-precision) values: within 1e-5 relative, or no further
+    than twice the float32 torch path's own error (MI, EPKL and MKL are differences of entropies)."""
+    monkeypatch.setattr(triton_stats, "MAX_BLOCK", block)
+    members = (torch.randn(m, rows, k, generator=torch.Generator().manual_seed(k)) * 3.0).log_softmax(-1).to(dtype)
+    order = torch.arange(rows).flip(0)
+    use("triton")
+    got = ensemble_step_columns(members, order)
+    use("torch")
+    single = ensemble_step_columns(members, order)
+    exact = ensemble_step_columns(members.double(), order)
+    assert got.dtype == single.dtype == torch.float32 and got.shape == single.shape == (rows, 9 + 2 * m)
+    assert_within(got, exact, rtol=0.0, atol=torch.maximum(1e-5 * exact.abs(), 2 * (single.double() - exact).abs()
+                                                            .amax(0)))
+    if m == 1:  # one member: exactly no disagreement, PE or EP
+        assert torch.equal(got[:, [2, 3, 4, 6, 7, 8]], torch.zeros(rows, 6))
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_in_beam_ensemble_columns_of_extreme_log_probabilities(use, m):
+    """-inf entries and log-probabilities of -1e5: the same values as the float32 torch path (infinite where
+    it is: a class that only some members rule out makes -sum pbar mlog +inf); the EP cross-entropy clamps
+    mlog at float32's lowest value on both paths."""
+    members = extreme_members(m, 45)
+    order = torch.tensor([1, 0, 3, 2])
+    use("triton")
+    got = ensemble_step_columns(members, order)
+    use("torch")
+    want = ensemble_step_columns(members, order)
+    # the second step sees the rows reversed: row 3 has the class only member 0 rules out; the chosen
+    # log p(EOS) of row 2 (row 1 reversed) is -inf
+    assert torch.isfinite(want[:3, :9]).all() and torch.isfinite(got[:3, :9]).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_in_beam_ensemble_columns_of_an_empty_beam(use):
+    use("triton")
+    members = torch.zeros(3, 0, 11)
+    assert ensemble_step_columns(members, torch.zeros(0, dtype=torch.long)).shape == (0, 9 + 2 * 3)

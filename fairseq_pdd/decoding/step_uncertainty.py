@@ -24,9 +24,10 @@ Between steps the beam is re-ordered: :meth:`StepUncertainty.reorder` gets fairs
 row r continues old row ``new_order[r]``). The previous step's distributions are kept as they are and
 only the chosen entries are read through that index, so nothing (rows, K) is copied. Memory: those
 previous distributions live one step longer (for an ensemble M x rows x K, as large as the stack of
-member log-probabilities fairseq builds at every step itself); a step works in six (rows, K) buffers
-whatever M is, as members are streamed (:class:`~fairseq_pdd.distill.ensemble_stats.EnsembleAccumulator`), and
-the buffers are kept from step to step (:class:`~fairseq_pdd.distill.ensemble_stats.Workspace`).
+member log-probabilities fairseq builds at every step itself); a step works in five (rows, K) buffers
+whatever M is (three on the Triton path), as members are streamed with their EP weights
+(:class:`~fairseq_pdd.distill.ensemble_stats.EnsembleAccumulator`), and the buffers are kept from step to step
+(:class:`~fairseq_pdd.distill.ensemble_stats.Workspace`).
 """
 from typing import List, Optional, Sequence, Tuple
 
@@ -125,7 +126,10 @@ class EnsembleStepUncertainty(StepUncertainty):
     Distribution columns: the five measures of :func:`~fairseq_pdd.decoding.uncertainty.ensemble_token_measures`
     and its EP variants, whose predictive ``q_t = sum_m softmax_m(c_m) p_m`` weighs the members by
     ``c_m = sum_{s<t} log p_m(y_s)``, the per-row prefix log-probabilities kept here (float64, (rows, M)).
-    Chosen-token values: ``log p_m(y)`` for every member.
+    Chosen-token values: ``log p_m(y)`` for every member. Where :mod:`fairseq_pdd.distill.backend` chooses
+    Triton, a step is one kernel per member (the sums, the member's entropy and its weighted share of ``q``,
+    half-precision log-probabilities read as they are) and one that finishes the nine columns' row sums
+    (:mod:`fairseq_pdd.distill.triton_stats`); the rest is (rows,) arithmetic.
     """
 
     distribution_keys = DIRICHLET_TOKEN_KEYS + EP_TOKEN_KEYS
@@ -144,12 +148,10 @@ class EnsembleStepUncertainty(StepUncertainty):
 
     def _distribution(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
         weights = torch.softmax(self._prefix, dim=1).to(compute_dtype(outputs[0].dtype))  # (rows, M)
-        acc, ep = EnsembleAccumulator(self._workspace), None
+        acc = EnsembleAccumulator(self._workspace)
         for m, log_probs in enumerate(outputs):
-            probs, weight = acc.add(log_probs), weights[:, m:m + 1]
-            ep = torch.mul(probs, weight, out=self._workspace.like("ep", probs)) if ep is None \
-                else ep.addcmul_(probs, weight)
-        measures = ensemble_token_measures(acc.finalize(), ep, self._workspace.like("ep_scratch", ep))
+            acc.add(log_probs, return_probs=False, weight=weights[:, m])
+        measures = ensemble_token_measures(acc.finalize())
         return torch.stack([measures[key] for key in self.distribution_keys], 1)
 
     def _chosen(self, outputs, order, tokens):

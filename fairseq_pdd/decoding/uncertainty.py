@@ -279,7 +279,9 @@ def ensemble_token_measures(stats: EnsembleStatistics, ep_mean_probs: Optional[t
     ``ep_epkl = -sum_k q_k mlog_k - EH``, ``ep_mkl = -sum_k q_k mlog_k - H[q] = mean_m KL(q || p_m) >= 0``.
     ``ep_mutual_information`` and ``ep_epkl`` can be negative (EH is not q-weighted); they are not clamped.
     For one member every disagreement measure is exactly 0. ``scratch`` (like ``ep_mean_probs``), when
-    given, is overwritten instead of allocating the EP variants' (N, K) temporary.
+    given, is overwritten instead of allocating the EP variants' (N, K) temporary. Without
+    ``ep_mean_probs``, statistics accumulated with the EP weights (``EnsembleAccumulator.add(..., weight=)``,
+    as in the beam) give the EP variants from their ``H[q]`` and ``-sum_k q_k mlog_k``.
     """
     out = {
         "total_uncertainty": stats.entropy_of_expected,
@@ -293,18 +295,19 @@ def ensemble_token_measures(stats: EnsembleStatistics, ep_mean_probs: Optional[t
             raise ValueError(f"ep_mean_probs of shape {tuple(ep_mean_probs.shape)} do not match the ensemble "
                              f"statistics {tuple(stats.mean_probs.shape)}")
         q = ep_mean_probs.to(stats.mean_probs.dtype)
-        entropy = ensemble_stats.entropy_of(q, scratch)
-        # q_k = 0 contributes nothing even where mlog_k = -inf (clamped to the lowest finite value)
-        clamped = torch.clamp(stats.mean_log_probs, min=torch.finfo(q.dtype).min, out=scratch)
-        cross = -ensemble_stats.dot_rows(clamped, q, scratch)
-        out.update(
-            ep_total_uncertainty=entropy,
-            ep_mutual_information=entropy - stats.expected_entropy,
-            ep_epkl=cross - stats.expected_entropy,
-            ep_mkl=(cross - entropy).clamp(min=0),
-        )
-        if stats.num_models == 1:  # q = pbar = p_1: no disagreement, exactly
-            out.update({key: torch.zeros_like(entropy) for key in ("ep_mutual_information", "ep_epkl", "ep_mkl")})
+        entropy, cross = ensemble_stats.mixture_entropies(q, stats.mean_log_probs, scratch)
+    elif stats.mixture_entropy is not None:
+        entropy, cross = stats.mixture_entropy, stats.mixture_cross_entropy
+    else:
+        return out
+    out.update(
+        ep_total_uncertainty=entropy,
+        ep_mutual_information=entropy - stats.expected_entropy,
+        ep_epkl=cross - stats.expected_entropy,
+        ep_mkl=(cross - entropy).clamp(min=0),
+    )
+    if stats.num_models == 1:  # q = pbar = p_1: no disagreement, exactly
+        out.update({key: torch.zeros_like(entropy) for key in ("ep_mutual_information", "ep_epkl", "ep_mkl")})
     return out
 
 

@@ -13,10 +13,14 @@ so they are accumulated one member at a time: memory is four (N, K) float32 tens
     mutual information  MI   = H[pbar] - EH
     EPKL                     = -sum_k pbar_k mlog_k - EH
     MKL                      = sum_k pbar_k (log pbar_k - mlog_k) = -sum_k pbar_k mlog_k - H[pbar]
+
+Given per-row member weights ``w_m`` (N,) (in the beam, the expectation-of-products weights
+``softmax_m(log P_m(y_<t))``), the mixture ``q = sum_m w_m p_m`` is accumulated alongside (one more (N, K)
+buffer), and the statistics also carry ``H[q]`` and ``-sum_k q_k mlog_k`` (N,).
 """
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 import torch
 
@@ -36,6 +40,10 @@ class EnsembleStatistics:
     entropy_of_expected: torch.Tensor  #: H[pbar] (N,)
     cross_entropy: torch.Tensor  #: -sum_k pbar_k mlog_k (N,)
     num_models: int
+    #: H[q] (N,) of the weighted mixture q = sum_m w_m p_m, when members were added with weights
+    mixture_entropy: Optional[torch.Tensor] = None
+    #: -sum_k q_k max(mlog_k, lowest finite) (N,) (q_k = 0 adds nothing), with the mixture
+    mixture_cross_entropy: Optional[torch.Tensor] = None
 
     @property
     def num_classes(self) -> int:
@@ -86,6 +94,16 @@ def dot_log_rows(p: torch.Tensor, log_q: torch.Tensor, scratch: Optional[torch.T
     return torch.mul(p, log_q, out=scratch).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
 
 
+def mixture_entropies(q: torch.Tensor, mean_log_probs: torch.Tensor, scratch: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``H[q]`` and ``-sum_k q_k max(mlog_k, lowest finite)`` over the last dimension, for a mixture ``q`` of
+    the members (same shape as ``mean_log_probs``): ``q_k = 0`` adds nothing even where ``mlog_k = -inf``.
+    The (N, K) temporaries go to ``scratch`` when given."""
+    entropy = entropy_of(q, scratch)
+    clamped = torch.clamp(mean_log_probs, min=torch.finfo(q.dtype).min, out=scratch)
+    return entropy, -dot_rows(clamped, q, scratch)
+
+
 class Workspace:
     """Named buffers kept between uses and only grown: :meth:`like` gives an uninitialised tensor over the
     name's storage. On CPU a fresh large tensor costs its page faults, often more than the arithmetic done
@@ -110,10 +128,11 @@ class EnsembleAccumulator:
     """Adds members' log-probabilities (N, K) one at a time; ``finalize()`` gives the statistics.
 
     Memory: four (N, K) buffers whatever M is (the sums of probabilities and log-probabilities, a member's
-    probabilities, a scratch), from ``workspace`` when given (e.g. one per decoding run, so that steps
-    re-use them; the statistics' ``mean_probs`` and ``mean_log_probs`` are then valid until the next
-    accumulator of that workspace adds a member), else fresh. No autograd: the buffers are written in
-    place.
+    probabilities, a scratch), five with the weighted mixture (``add(..., weight=)``), from ``workspace``
+    when given (e.g. one per decoding run, so that steps re-use them; the statistics' ``mean_probs`` and
+    ``mean_log_probs`` are then valid until the next accumulator of that workspace adds a member), else
+    fresh. The Triton path needs neither the member's probabilities (unless returned) nor the scratch. No
+    autograd: the buffers are written in place.
     """
 
     def __init__(self, workspace: Optional[Workspace] = None) -> None:
@@ -122,15 +141,18 @@ class EnsembleAccumulator:
         self._sum_log_probs: Optional[torch.Tensor] = None
         self._sum_entropy: Optional[torch.Tensor] = None
         self._scratch: Optional[torch.Tensor] = None
+        self._mixture: Optional[torch.Tensor] = None  #: sum_m w_m p_m (N, K), when weights are given
         self._count = 0
         self._finalized = False
         self._triton = False  #: whether the Triton kernels accumulate (decided by the first member)
 
-    def add(self, log_probs: torch.Tensor, return_probs: bool = True) -> Optional[torch.Tensor]:
+    def add(self, log_probs: torch.Tensor, return_probs: bool = True, weight: Optional[torch.Tensor] = None
+            ) -> Optional[torch.Tensor]:
         """Add one member's log-probabilities (N, K); half precision is upcast to float32.
 
-        Returns the member's probabilities (N, K), valid until the next ``add`` (which may update them
-        in place); None if not ``return_probs`` (the Triton path then does not write them).
+        ``weight`` (N,): the member's weight in the mixture ``q = sum_m w_m p_m`` (given for every member
+        or for none). Returns the member's probabilities (N, K), valid until the next ``add`` (which may
+        update them in place); None if not ``return_probs`` (the Triton path then does not write them).
         """
         if self._finalized:
             raise RuntimeError("EnsembleAccumulator.add() after finalize(); start a new accumulator")
@@ -141,8 +163,14 @@ class EnsembleAccumulator:
                 f"ensemble member {self._count} gives log-probabilities of shape "
                 f"{tuple(log_probs.shape)}, the first gave {tuple(self._sum_probs.shape)}"
             )
+        if self._count and (weight is not None) != (self._mixture is not None):
+            raise ValueError(f"ensemble member {self._count} is added {'with' if weight is not None else 'without'} "
+                             "a mixture weight, unlike the first: give weights for every member or for none")
+        if weight is not None and tuple(weight.shape) != tuple(log_probs.shape[:-1]):
+            raise ValueError(f"mixture weight of shape {tuple(weight.shape)} for log-probabilities of shape "
+                             f"{tuple(log_probs.shape)}: expected {tuple(log_probs.shape[:-1])}")
         if self._triton:
-            return self._add_triton(log_probs, return_probs)
+            return self._add_triton(log_probs, return_probs, weight)
         log_probs = log_probs.to(compute_dtype(log_probs.dtype))
         if self._count == 0:
             self._sum_probs, self._sum_log_probs, self._scratch = (
@@ -153,6 +181,12 @@ class EnsembleAccumulator:
             probs = torch.exp(log_probs, out=self._workspace.like("probs", log_probs))
             self._sum_probs += probs
             self._sum_log_probs += log_probs
+        if weight is not None:
+            weight = weight.to(log_probs.dtype).unsqueeze(-1)
+            if self._count == 0:
+                self._mixture = torch.mul(probs, weight, out=self._workspace.like("mixture", log_probs))
+            else:
+                self._mixture.addcmul_(probs, weight)
         # 0 * log 0 = 0: a class with probability 0 (log-probability -inf) adds no entropy.
         clamped = torch.clamp(log_probs, min=torch.finfo(log_probs.dtype).min, out=self._scratch)
         entropy = -dot_rows(clamped, probs, self._scratch)
@@ -160,7 +194,8 @@ class EnsembleAccumulator:
         self._count += 1
         return probs if return_probs else None
 
-    def _add_triton(self, log_probs: torch.Tensor, return_probs: bool) -> Optional[torch.Tensor]:
+    def _add_triton(self, log_probs: torch.Tensor, return_probs: bool, weight: Optional[torch.Tensor]
+                    ) -> Optional[torch.Tensor]:
         from fairseq_pdd.distill import triton_stats  # imports triton: only when the backend chose it
 
         dtype, k = compute_dtype(log_probs.dtype), log_probs.shape[-1]
@@ -169,14 +204,16 @@ class EnsembleAccumulator:
             self._sum_probs, self._sum_log_probs = (
                 self._workspace.like(name, log_probs, dtype) for name in ("sum_probs", "sum_log_probs"))
             self._sum_entropy = log_probs.new_empty(log_probs.shape[:-1], dtype=dtype)
+            if weight is not None:
+                self._mixture = self._workspace.like("mixture", log_probs, dtype)
             probs = self._sum_probs
-            triton_stats.accumulate(rows, self._sum_probs.view(-1, k), self._sum_log_probs.view(-1, k),
-                                    self._sum_entropy.view(-1), first=True)
         else:
             probs = self._workspace.like("probs", log_probs, dtype) if return_probs else None
-            triton_stats.accumulate(rows, self._sum_probs.view(-1, k), self._sum_log_probs.view(-1, k),
-                                    self._sum_entropy.view(-1), first=False,
-                                    probs=None if probs is None else probs.view(-1, k))
+        mixture = None if weight is None else (self._mixture.view(-1, k), weight.reshape(-1))
+        triton_stats.accumulate(rows, self._sum_probs.view(-1, k), self._sum_log_probs.view(-1, k),
+                                self._sum_entropy.view(-1), first=self._count == 0,
+                                probs=None if self._count == 0 or probs is None else probs.view(-1, k),
+                                mixture=mixture)
         self._count += 1
         return probs if return_probs else None
 
@@ -188,17 +225,17 @@ class EnsembleAccumulator:
         if self._triton:
             from fairseq_pdd.distill import triton_stats
 
-            k = self._sum_probs.shape[-1]
-            entropy, cross = triton_stats.finalize(self._sum_probs.view(-1, k), self._sum_log_probs.view(-1, k), m)
-            lead = self._sum_probs.shape[:-1]
+            k, lead = self._sum_probs.shape[-1], self._sum_probs.shape[:-1]
+            sums = triton_stats.finalize(self._sum_probs.view(-1, k), self._sum_log_probs.view(-1, k), m,
+                                         None if self._mixture is None else self._mixture.view(-1, k))
             stats = EnsembleStatistics(self._sum_probs, self._sum_log_probs, self._sum_entropy / m,
-                                       entropy.view(lead), cross.view(lead), m)
-            self._sum_probs = self._sum_log_probs = None
+                                       *(value.view(lead) for value in sums[:2]), m,
+                                       *(value.view(lead) for value in sums[2:]))
+            self._sum_probs = self._sum_log_probs = self._mixture = None
             return stats
         mean_probs = self._sum_probs.div_(m)
         mean_log_probs = self._sum_log_probs.div_(m)
-        self._sum_probs = self._sum_log_probs = None
-        return EnsembleStatistics(
+        stats = EnsembleStatistics(
             mean_probs=mean_probs,
             mean_log_probs=mean_log_probs,
             expected_entropy=self._sum_entropy / m,
@@ -206,6 +243,11 @@ class EnsembleAccumulator:
             cross_entropy=-dot_log_rows(mean_probs, mean_log_probs, self._scratch),
             num_models=m,
         )
+        if self._mixture is not None:
+            stats.mixture_entropy, stats.mixture_cross_entropy = mixture_entropies(
+                self._mixture, mean_log_probs, self._scratch)
+        self._sum_probs = self._sum_log_probs = self._mixture = None
+        return stats
 
 
 def ensemble_statistics(member_log_probs: Iterable[torch.Tensor]) -> EnsembleStatistics:
