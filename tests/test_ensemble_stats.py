@@ -242,3 +242,47 @@ def test_mixture_weights_for_some_members_only_raise():
         acc.add(log_probs[1], weight=torch.ones(3))
     with pytest.raises(ValueError, match=r"mixture weight of shape \(4,\) .* expected \(3,\)"):
         EnsembleAccumulator().add(log_probs[0], weight=torch.ones(4))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_statistics_from_logits_match_brute_force_at_temperature(temperature, dtype):
+    """``add_logits(z, T)`` gives the statistics of the members ``softmax(z / T)``, from the logits as the model
+    produced them (half precision upcast before the division), and leaves the logits as they were."""
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(3, 6, 40, generator=g) * 4.0).to(dtype)
+    before = logits.clone()
+    weights = torch.softmax(torch.randn(6, 3, generator=g), -1)
+    acc = EnsembleAccumulator()
+    for member, weight in zip(logits, weights.t()):
+        finite = acc.add_logits(member, temperature, weight=weight)
+        assert finite.dtype == torch.bool and finite.shape == (6,) and finite.all()
+    stats = acc.finalize()
+    assert torch.equal(logits, before)
+    log_probs = (logits.double() / temperature).log_softmax(-1)
+    assert_statistics_close(streamed(stats), brute_force(log_probs))
+    q = torch.einsum("nm,mnk->nk", weights.double(), log_probs.exp())
+    torch.testing.assert_close(stats.mixture_entropy.double(), Categorical(probs=q).entropy(), rtol=1e-5, atol=1e-6)
+
+
+def test_logits_report_rows_with_non_finite_log_probabilities():
+    """-inf logits (a masked class) give probability 0 and finite statistics but are reported, as are NaN and
+    +inf logits; the empty batch gives empty flags."""
+    logits = member_log_probs(2, n=4, k=9, seed=12)
+    logits[0, 1, 3] = float("-inf")
+    logits[1, 2, 0] = float("nan")
+    logits[1, 3, 5] = float("inf")
+    acc = EnsembleAccumulator()
+    assert acc.add_logits(logits[0]).tolist() == [True, False, True, True]
+    assert acc.add_logits(logits[1], temperature=0.5).tolist() == [True, True, False, False]
+    stats = acc.finalize()
+    assert torch.isfinite(stats.expected_entropy[:2]).all() and torch.isnan(stats.expected_entropy[2:]).all()
+    acc = EnsembleAccumulator()
+    assert acc.add_logits(torch.zeros(0, 9)).shape == (0,)
+    assert acc.finalize().mean_probs.shape == (0, 9)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+def test_logits_with_a_bad_temperature_raise(temperature):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        EnsembleAccumulator().add_logits(torch.zeros(2, 3), temperature)

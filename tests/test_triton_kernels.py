@@ -53,11 +53,14 @@ def test_kernels_compile_for_an_h100_class_gpu_without_one():
         build(triton_losses._token_loss_kernel, dict(loss_args, z_ptr=f"*{dtype}", grad_ptr=grad),
               {"LOSS": loss, "PARAM": param, "NEED_GRAD": True, "BLOCK": triton_losses.MAX_BLOCK})
     for mixture in (False, True):
-        build(triton_stats._accumulate_kernel,
-              {"lp_ptr": "*bf16", "sum_p_ptr": "*fp32", "sum_lp_ptr": "*fp32", "probs_ptr": "*fp32",
-               "entropy_ptr": "*fp32", "ep_ptr": "*fp32", "weight_ptr": "*fp32", "K": "i32", "lp_stride": "i32",
-               "weight_stride": "i32"},
-              {"FIRST": mixture, "WRITE_PROBS": not mixture, "MIXTURE": mixture, "BLOCK": triton_stats.MAX_BLOCK})
+        for logits in (False, True):
+            build(triton_stats._accumulate_kernel,
+                  {"x_ptr": "*fp16" if logits else "*bf16", "sum_p_ptr": "*fp32", "sum_lp_ptr": "*fp32",
+                   "probs_ptr": "*fp32", "entropy_ptr": "*fp32", "ep_ptr": "*fp32", "weight_ptr": "*fp32",
+                   "finite_ptr": "*i8" if logits else "*fp32", "K": "i32", "x_stride": "i32",
+                   "weight_stride": "i32", "inv_t": "fp32"},
+                  {"FIRST": mixture, "WRITE_PROBS": not mixture, "MIXTURE": mixture, "LOGITS": logits,
+                   "BLOCK": triton_stats.MAX_BLOCK})
         build(triton_stats._finalize_kernel,
               {"sum_p_ptr": "*fp32", "sum_lp_ptr": "*fp32", "entropy_ptr": "*fp32", "cross_ptr": "*fp32",
                "ep_ptr": "*fp32", "ep_entropy_ptr": "*fp32", "ep_cross_ptr": "*fp32", "K": "i32", "inv_m": "fp32"},

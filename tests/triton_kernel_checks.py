@@ -331,6 +331,87 @@ def test_accumulation_of_an_empty_batch_and_without_probabilities(use):
         acc.add(torch.zeros(3, 21))
 
 
+def member_logits(m, shape, dtype, seed=0):
+    """M members' raw logits (scale 4); the first member masks one class of the first row (logit -inf)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(m, *shape, generator=g) * 4.0
+    if logits[0].numel():
+        logits[0].view(-1, shape[-1])[0, 1] = float("-inf")
+    return logits.to(dtype)
+
+
+def accumulated_from_logits(members, temperature, weights=None):
+    """(statistics, each member's finiteness flags) of ``add_logits`` over the members."""
+    acc = ensemble_stats.EnsembleAccumulator()
+    flags = [acc.add_logits(z, temperature, weight=None if weights is None else weights[..., m])
+             for m, z in enumerate(members)]
+    return acc.finalize(), flags
+
+
+def reference_from_logits(members, temperature, weights=None):
+    """The torch path of ``add_logits`` by hand: float32 log_softmax(z / T), then ``add``."""
+    acc = ensemble_stats.EnsembleAccumulator()
+    for m, z in enumerate(members):
+        acc.add((z.float() / temperature).log_softmax(-1), return_probs=False,
+                weight=None if weights is None else weights[..., m])
+    return acc.finalize()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0, 0.7])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("shape, block, m", [((5, 37), 1024, 3), ((4, 300), 128, 2), ((2, 3, 41), 16, 1),
+                                             ((1, 50), 1024, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_accumulation_from_logits_matches_torch_path(use, monkeypatch, temperature, weighted, shape, block, m, dtype):
+    """The kernel's logsumexp and log-probabilities from raw logits (K over several tiles, a masked class) against
+    torch's log_softmax then ``add``, and the torch path of ``add_logits`` against the same."""
+    monkeypatch.setattr(triton_stats, "MAX_BLOCK", block)
+    members = member_logits(m, shape, dtype, seed=m)
+    g = torch.Generator().manual_seed(4)
+    weights = torch.softmax(torch.randn(*shape[:-1], m, generator=g), -1) if weighted else None
+    use("torch")
+    want = reference_from_logits(members, temperature, weights)
+    fields = STAT_FIELDS + (("mixture_entropy", "mixture_cross_entropy") if weighted else ())
+    for choice in ("triton", "torch"):
+        use(choice)
+        got, flags = accumulated_from_logits(members, temperature, weights)
+        assert got.num_models == m
+        for field in fields:
+            g_, w = getattr(got, field), getattr(want, field)
+            assert g_.dtype == w.dtype == torch.float32 and g_.shape == w.shape, (choice, field)
+            torch.testing.assert_close(g_, w, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"{choice} {field}")
+        for member, flag in zip(members, flags):
+            assert flag.dtype == torch.bool and flag.shape == shape[:-1]
+            assert torch.equal(flag, torch.isfinite(member).all(-1)), choice
+
+
+def test_accumulation_from_logits_flags_non_finite_rows_like_torch(use):
+    """NaN and +inf logits, and a row of -inf only, are flagged on both paths with the same statistics."""
+    members = member_logits(2, (5, 37), torch.float32, seed=6)
+    members[1, 1, 4] = float("nan")
+    members[1, 2, 0] = float("inf")
+    members[0, 3] = float("-inf")
+    results = {}
+    for choice in ("triton", "torch"):
+        use(choice)
+        results[choice] = accumulated_from_logits(members, 2.0)
+    (got, got_flags), (want, want_flags) = results["triton"], results["torch"]
+    assert [f.tolist() for f in got_flags] == [f.tolist() for f in want_flags] == [
+        [False, True, True, False, True], [True, False, False, True, True]]
+    for field in STAT_FIELDS:
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   msg=field)
+
+
+def test_accumulation_from_logits_of_an_empty_batch(use):
+    use("triton")
+    acc = ensemble_stats.EnsembleAccumulator()
+    assert acc.add_logits(torch.zeros(0, 9, dtype=torch.float16), 2.0).shape == (0,)
+    assert acc.add_logits(torch.zeros(0, 9, dtype=torch.float16), 2.0, weight=None).shape == (0,)
+    stats = acc.finalize()
+    assert stats.mean_probs.shape == (0, 9) and stats.entropy_of_expected.shape == (0,)
+
+
 # 4. the Dirichlet measures (in the beam and in re-scoring) ---------------------------------------
 
 

@@ -125,7 +125,8 @@ class Workspace:
 
 
 class EnsembleAccumulator:
-    """Adds members' log-probabilities (N, K) one at a time; ``finalize()`` gives the statistics.
+    """Adds members' log-probabilities (N, K) (:meth:`add`), or their logits and a temperature
+    (:meth:`add_logits`), one at a time; ``finalize()`` gives the statistics.
 
     Memory: four (N, K) buffers whatever M is (the sums of probabilities and log-probabilities, a member's
     probabilities, a scratch), five with the weighted mixture (``add(..., weight=)``), from ``workspace``
@@ -154,24 +155,57 @@ class EnsembleAccumulator:
         or for none). Returns the member's probabilities (N, K), valid until the next ``add`` (which may
         update them in place); None if not ``return_probs`` (the Triton path then does not write them).
         """
+        self._admit(log_probs, weight, "log-probabilities")
+        if self._triton:
+            return self._add_triton(log_probs, return_probs, weight)
+        return self._add_torch(log_probs.to(compute_dtype(log_probs.dtype)), return_probs, weight)
+
+    def add_logits(self, logits: torch.Tensor, temperature: float = 1.0, weight: Optional[torch.Tensor] = None
+                   ) -> torch.Tensor:
+        """Add one member given by its raw logits ``z`` (N, K) (float32 / float16 / bfloat16 as the model
+        produced them, or float64), i.e. the log-probabilities ``log_softmax(z / temperature)``, computed in
+        float32 (float64 for float64 logits). ``weight`` as in :meth:`add`.
+
+        Returns (N,) bool: whether the row's log-probabilities are all finite (False where ``z`` has a NaN or
+        an inf, or ``z / T`` overflows). The Triton path computes the row's logsumexp and the member's terms
+        in one kernel from the logits (no (N, K) log-probabilities are written); the torch path writes them
+        into a kept buffer and adds them as :meth:`add` does.
+        """
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        self._admit(logits, weight, "logits")
+        if self._triton:
+            return self._add_triton(logits, False, weight, temperature)
+        log_probs = self._workspace.like("log_probs", logits, compute_dtype(logits.dtype))
+        if temperature != 1.0:
+            log_probs.copy_(logits).div_(temperature)  # upcast first: the division in float32
+            torch.log_softmax(log_probs, -1, out=log_probs)
+        else:
+            torch.log_softmax(logits, -1, dtype=log_probs.dtype, out=log_probs)
+        finite = torch.isfinite(log_probs).all(-1)
+        self._add_torch(log_probs, False, weight)
+        return finite
+
+    def _admit(self, member: torch.Tensor, weight: Optional[torch.Tensor], what: str) -> None:
+        """Check a member (N, K) and its weight against the first; the first member chooses the backend."""
         if self._finalized:
             raise RuntimeError("EnsembleAccumulator.add() after finalize(); start a new accumulator")
         if self._count == 0:
-            self._triton = backend.use_triton(log_probs)
-        elif log_probs.shape != self._sum_probs.shape:
+            self._triton = backend.use_triton(member)
+        elif member.shape != self._sum_probs.shape:
             raise ValueError(
-                f"ensemble member {self._count} gives log-probabilities of shape "
-                f"{tuple(log_probs.shape)}, the first gave {tuple(self._sum_probs.shape)}"
+                f"ensemble member {self._count} gives {what} of shape "
+                f"{tuple(member.shape)}, the first gave {tuple(self._sum_probs.shape)}"
             )
         if self._count and (weight is not None) != (self._mixture is not None):
             raise ValueError(f"ensemble member {self._count} is added {'with' if weight is not None else 'without'} "
                              "a mixture weight, unlike the first: give weights for every member or for none")
-        if weight is not None and tuple(weight.shape) != tuple(log_probs.shape[:-1]):
-            raise ValueError(f"mixture weight of shape {tuple(weight.shape)} for log-probabilities of shape "
-                             f"{tuple(log_probs.shape)}: expected {tuple(log_probs.shape[:-1])}")
-        if self._triton:
-            return self._add_triton(log_probs, return_probs, weight)
-        log_probs = log_probs.to(compute_dtype(log_probs.dtype))
+        if weight is not None and tuple(weight.shape) != tuple(member.shape[:-1]):
+            raise ValueError(f"mixture weight of shape {tuple(weight.shape)} for {what} of shape "
+                             f"{tuple(member.shape)}: expected {tuple(member.shape[:-1])}")
+
+    def _add_torch(self, log_probs: torch.Tensor, return_probs: bool, weight: Optional[torch.Tensor]
+                   ) -> Optional[torch.Tensor]:
         if self._count == 0:
             self._sum_probs, self._sum_log_probs, self._scratch = (
                 self._workspace.like(name, log_probs) for name in ("sum_probs", "sum_log_probs", "scratch"))
@@ -194,27 +228,31 @@ class EnsembleAccumulator:
         self._count += 1
         return probs if return_probs else None
 
-    def _add_triton(self, log_probs: torch.Tensor, return_probs: bool, weight: Optional[torch.Tensor]
-                    ) -> Optional[torch.Tensor]:
+    def _add_triton(self, member: torch.Tensor, return_probs: bool, weight: Optional[torch.Tensor],
+                    temperature: Optional[float] = None):
+        """The member's log-probabilities, or with ``temperature`` its logits, through the accumulate kernel;
+        returns its probabilities (or None), or from logits the rows' finiteness."""
         from fairseq_pdd.distill import triton_stats  # imports triton: only when the backend chose it
 
-        dtype, k = compute_dtype(log_probs.dtype), log_probs.shape[-1]
-        rows = log_probs.reshape(-1, k)
+        dtype, k = compute_dtype(member.dtype), member.shape[-1]
+        rows = member.reshape(-1, k)
         if self._count == 0:
             self._sum_probs, self._sum_log_probs = (
-                self._workspace.like(name, log_probs, dtype) for name in ("sum_probs", "sum_log_probs"))
-            self._sum_entropy = log_probs.new_empty(log_probs.shape[:-1], dtype=dtype)
+                self._workspace.like(name, member, dtype) for name in ("sum_probs", "sum_log_probs"))
+            self._sum_entropy = member.new_empty(member.shape[:-1], dtype=dtype)
             if weight is not None:
-                self._mixture = self._workspace.like("mixture", log_probs, dtype)
+                self._mixture = self._workspace.like("mixture", member, dtype)
             probs = self._sum_probs
         else:
-            probs = self._workspace.like("probs", log_probs, dtype) if return_probs else None
+            probs = self._workspace.like("probs", member, dtype) if return_probs else None
         mixture = None if weight is None else (self._mixture.view(-1, k), weight.reshape(-1))
-        triton_stats.accumulate(rows, self._sum_probs.view(-1, k), self._sum_log_probs.view(-1, k),
-                                self._sum_entropy.view(-1), first=self._count == 0,
-                                probs=None if self._count == 0 or probs is None else probs.view(-1, k),
-                                mixture=mixture)
+        finite = triton_stats.accumulate(rows, self._sum_probs.view(-1, k), self._sum_log_probs.view(-1, k),
+                                         self._sum_entropy.view(-1), first=self._count == 0,
+                                         probs=None if self._count == 0 or probs is None else probs.view(-1, k),
+                                         mixture=mixture, temperature=temperature)
         self._count += 1
+        if temperature is not None:
+            return finite.view(member.shape[:-1])
         return probs if return_probs else None
 
     def finalize(self) -> EnsembleStatistics:

@@ -18,6 +18,10 @@ error <= 1e-6 max(1, |f(x)|) for all three, like torch's own float32 functions. 
 ``psi = -inf``, ``psi1 = inf``, ``lnG = inf``, as torch. The domain is ``x >= 0`` (the losses'
 concentrations are positive): there is no reflection formula.
 
+Also the online ``logsumexp`` of a row read in tiles (:func:`logsumexp_start`, :func:`logsumexp_update`,
+:func:`logsumexp_finish`; per lane ``m' = max(m, x)``, ``s' = s exp(m - m') + exp(x - m')``, then the lanes
+combined), shared by the KD loss and the ensemble's accumulation from logits.
+
 Importing this module needs ``triton``; set ``TRITON_INTERPRET=1`` before importing it to run the
 functions on CPU tensors with Triton's interpreter.
 """
@@ -128,3 +132,28 @@ def row_block(k: int, max_block: int) -> int:
     """The tile width of a one-row-per-program kernel over K columns: the next power of 2 of K (at least
     16), at most ``max_block`` (each kernel's own limit, set by its register use)."""
     return min(max_block, triton.next_power_of_2(max(k, 16)))
+
+
+#: Start of a running maximum: the lowest finite float32, so that a lane that has seen only -inf keeps
+#: ``exp(-inf - LOWEST) = 0`` and never computes ``-inf - (-inf)``.
+_LOWEST = tl.constexpr(-3.4028234663852886e38)
+
+
+@triton.jit
+def logsumexp_start(BLOCK: tl.constexpr):
+    """The per-lane state (running maximum, sum of ``exp(x - maximum)``) of an online logsumexp over tiles."""
+    return tl.full([BLOCK], _LOWEST, tl.float32), tl.zeros([BLOCK], tl.float32)
+
+
+@triton.jit
+def logsumexp_update(top, total, x):
+    """Fold one tile ``x`` (-inf where masked) into the per-lane state ``(top, total)``."""
+    new_top = tl.maximum(top, x)
+    return new_top, total * tl.exp(top - new_top) + tl.exp(x - new_top)
+
+
+@triton.jit
+def logsumexp_finish(top, total):
+    """``log sum_k exp(x_k)`` of everything folded in: -inf if every x was -inf, +inf or NaN if one was."""
+    row_top = tl.max(top, 0)
+    return row_top + tl.log(tl.sum(total * tl.exp(top - row_top), 0))

@@ -36,7 +36,9 @@ import triton
 import triton.language as tl
 
 from fairseq_pdd.distill import dirichlet, fused
-from fairseq_pdd.distill.special import digamma, digamma_and_trigamma, lgamma, row_block, trigamma
+from fairseq_pdd.distill.special import (
+    digamma, digamma_and_trigamma, lgamma, logsumexp_finish, logsumexp_start, logsumexp_update, row_block, trigamma,
+)
 
 #: Loss ids of the kernel's ``LOSS`` switch.
 LOSS_IDS = {"rkl": 0, "fkl": 1, "nll": 2, "kd": 3}
@@ -90,18 +92,17 @@ def _token_loss_kernel(
         shift = 0.0
 
     # pass 1: the row's reductions
-    first = tl.zeros([BLOCK], tl.float32)
-    second = tl.zeros([BLOCK], tl.float32)
-    if LOSS == _KD:
-        first += -3.4e38  # running maximum per lane; second: sum of exp(z - maximum)
+    if LOSS == _KD:  # running maximum per lane, sum of exp(z - maximum)
+        first, second = logsumexp_start(BLOCK)
+    else:
+        first = tl.zeros([BLOCK], tl.float32)
+        second = tl.zeros([BLOCK], tl.float32)
     for start in range(0, K, BLOCK):
         idx = start + cols
         mask = idx < K
         if LOSS == _KD:
             z = tl.load(z_row + idx, mask=mask, other=float("-inf")).to(tl.float32)
-            top = tl.maximum(first, z)
-            second = second * tl.exp(first - top) + tl.exp(z - top)
-            first = top
+            first, second = logsumexp_update(first, second, z)
         else:
             z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)
             alpha, _ = _alpha_and_derivative(z, upper, model_offset, PARAM)
@@ -110,8 +111,7 @@ def _token_loss_kernel(
                 p = tl.load(t_row + idx, mask=mask, other=0.0).to(tl.float32)
                 second += tl.where(mask, scale * p + shift, 0.0)
     if LOSS == _KD:
-        top = tl.max(first, 0)
-        lse = top + tl.log(tl.sum(second * tl.exp(first - top), 0))
+        lse = logsumexp_finish(first, second)
         log_norm = lse
     else:
         a0 = tl.sum(first, 0)

@@ -165,24 +165,15 @@ class TeacherEnsemble:
             self.device = device
         return self
 
-    def _member_log_probs(self, sample: dict, mask: torch.Tensor, temperature: float = 1.0):
-        """Each teacher's log-probabilities ``log_softmax(z / temperature)`` (N, K), float32, at the
-        masked positions, one at a time (the temperature divides one member's logits in place).
-
-        When exhausted, raises :class:`TeacherError` naming the teacher and the sample ids if any
-        teacher's log-probabilities are not finite (one device sync per batch).
-        """
+    def _member_logits(self, sample: dict, mask: torch.Tensor):
+        """Each teacher's logits (N, K) at the masked positions, as the model produced them, one at a time."""
         self.to(mask.device)
-        finite = []
         for model in self.models:
-            logits = model(**sample["net_input"])[0][mask]
-            if temperature != 1.0:
-                logits.div_(temperature)
-            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-            del logits
-            finite.append(torch.isfinite(log_probs).all())
-            yield log_probs
-            del log_probs  # free this member's (N, K) buffer before the next runs
+            yield model(**sample["net_input"])[0][mask]
+
+    def _check_finite(self, finite: List[torch.Tensor], sample: dict) -> None:
+        """Raise :class:`TeacherError` naming the teachers whose flag (one per teacher, 0-dim bool) is False
+        and the sample ids (one device sync)."""
         finite = torch.stack(finite).tolist()
         if not all(finite):
             bad = [p for p, ok in zip(self.paths, finite) if not ok]
@@ -190,14 +181,38 @@ class TeacherEnsemble:
             ids = ids.tolist()[:20] if ids is not None else "unknown"
             raise TeacherError(f"non-finite teacher outputs from {', '.join(bad)} on sample ids {ids}")
 
+    def _member_log_probs(self, sample: dict, mask: torch.Tensor, temperature: float = 1.0):
+        """Each teacher's log-probabilities ``log_softmax(z / temperature)`` (N, K), float32, at the
+        masked positions, one at a time (the temperature divides one member's logits in place).
+
+        When exhausted, raises :class:`TeacherError` if any teacher's log-probabilities are not finite.
+        """
+        finite = []
+        for logits in self._member_logits(sample, mask):
+            if temperature != 1.0:
+                logits.div_(temperature)
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            del logits
+            finite.append(torch.isfinite(log_probs).all())
+            yield log_probs
+            del log_probs  # free this member's (N, K) buffer before the next runs
+        self._check_finite(finite, sample)
+
     @torch.inference_mode()
     def statistics(self, sample: dict, mask: torch.Tensor, temperature: float = 1.0) -> EnsembleStatistics:
         """Streamed statistics over the positions where ``mask`` (B, T) is True, in row-major order, of the
-        members' distributions at ``temperature`` (``softmax(z_m / T)``)."""
+        members' distributions at ``temperature`` (``softmax(z_m / T)``).
+
+        Each teacher's logits go to :meth:`EnsembleAccumulator.add_logits` as the model produced them (the
+        Triton path applies the temperature and the log-softmax inside its accumulation kernel). Raises
+        :class:`TeacherError` if any teacher's log-probabilities are not finite.
+        """
         acc = EnsembleAccumulator()
-        for log_probs in self._member_log_probs(sample, mask, temperature):
-            acc.add(log_probs, return_probs=False)
-            del log_probs
+        finite = []
+        for logits in self._member_logits(sample, mask):
+            finite.append(acc.add_logits(logits, temperature).all())
+            del logits  # free this member's outputs before the next runs
+        self._check_finite(finite, sample)
         return acc.finalize()
 
     @torch.inference_mode()
