@@ -46,16 +46,18 @@ def proxy_scale(prob, target_offset):
     return prob.beta0 + prob.z.shape[-1] * target_offset
 
 
-def library_loss(name, z, prob, parametrization="exp", model_offset=0.0, target_offset=1.0):
-    """(loss, log-normaliser) of the library on logits ``z`` with the targets of ``prob``."""
+def library_loss(name, z, prob, parametrization="exp", model_offset=0.0, target_offset=1.0, logit_scale=1.0):
+    """(loss, log-normaliser) of the library on logits ``logit_scale * z`` with the targets of ``prob``."""
     if name == "rkl":
-        return losses.rkl_proxy_loss(z, prob.pbar, proxy_scale(prob, target_offset), parametrization, model_offset)
+        return losses.rkl_proxy_loss(z, prob.pbar, proxy_scale(prob, target_offset), parametrization, model_offset,
+                                     logit_scale=logit_scale)
     if name == "fkl":
-        return losses.fkl_proxy_loss(z, prob.pbar, prob.beta0, target_offset, parametrization, model_offset)
+        return losses.fkl_proxy_loss(z, prob.pbar, prob.beta0, target_offset, parametrization, model_offset,
+                                     logit_scale=logit_scale)
     if name == "nll":
-        return losses.dirichlet_nll_loss(z, prob.mlog, parametrization, model_offset)
+        return losses.dirichlet_nll_loss(z, prob.mlog, parametrization, model_offset, logit_scale=logit_scale)
     if name == "kd":
-        return losses.mean_kd_loss(z, prob.pbar)
+        return losses.mean_kd_loss(z, prob.pbar, logit_scale=logit_scale)
     raise AssertionError(name)
 
 
@@ -151,6 +153,23 @@ def test_float64_matches_oracle(name, parametrization, model_offset, target_offs
     loss, log_norm, grad = library_loss_and_grad(name, prob, weights, **options)
     want_loss, want_log_norm, want_grad = oracle_loss_and_grad(name, prob, weights, **options)
     assert loss.dtype == torch.float64 and grad.dtype == torch.float64
+    assert_within(loss, want_loss, rtol=1e-8, atol=1e-12)
+    assert_within(log_norm, want_log_norm, rtol=1e-12, atol=1e-14)
+    assert_within(grad, want_grad, rtol=1e-8, atol=1e-10 * want_grad.abs().max())
+
+
+@pytest.mark.parametrize("logit_scale", [0.25, 3.0])
+@pytest.mark.parametrize("name, parametrization, model_offset, target_offset", loss_configs())
+def test_logit_scale_is_the_loss_of_scaled_logits_with_the_gradient_of_the_given_ones(
+        name, parametrization, model_offset, target_offset, logit_scale):
+    """``logit_scale`` s (a tempered student's 1/T): the oracle's loss of ``s * z``, autograd through the product
+    giving ``dL/dz = s dL/d(s z)``."""
+    prob = make_problem(n=6, k=9, seed=23)
+    weights = row_weights(6)
+    options = dict(parametrization=parametrization, model_offset=model_offset, target_offset=target_offset)
+    loss, log_norm, grad = library_loss_and_grad(name, prob, weights, logit_scale=logit_scale, **options)
+    want_loss, want_log_norm, want_grad = loss_and_grad(
+        lambda z: oracle_loss(name, z * logit_scale, prob, **options), prob.z.double(), weights.double())
     assert_within(loss, want_loss, rtol=1e-8, atol=1e-12)
     assert_within(log_norm, want_log_norm, rtol=1e-12, atol=1e-14)
     assert_within(grad, want_grad, rtol=1e-8, atol=1e-10 * want_grad.abs().max())

@@ -46,7 +46,8 @@ def test_kernels_compile_for_an_h100_class_gpu_without_one():
 
     loss_args = {"z_ptr": "*fp32", "t_ptr": "*fp32", "s_ptr": "*fp32", "loss_ptr": "*fp32", "log_norm_ptr": "*fp32",
                  "grad_ptr": "*fp32", "K": "i32", "z_stride": "i32", "t_stride": "i32", "g_stride": "i32",
-                 "upper": "fp32", "model_offset": "fp32", "target_offset": "fp32"}
+                 "upper": "fp32", "model_offset": "fp32", "target_offset": "fp32",
+                 "z_scale": "fp32"}
     variants = [(loss, 0, "fp32") for loss in range(4)] + [(1, 1, "fp16"), (0, 1, "bf16")]
     for loss, param, dtype in variants:
         grad = "*fp32" if dtype == "fp16" else f"*{dtype}"

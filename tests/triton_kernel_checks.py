@@ -141,6 +141,17 @@ def test_float32_matches_torch_path(use, monkeypatch, name, parametrization, mod
     check_against_reference(use, name, prob, row_weights(5).float(), **options)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name, parametrization, model_offset, target_offset", loss_configs(
+    offsets=((0.0, 0.0), (1.0, 1.0))))
+def test_logit_scale_matches_torch_path(use, monkeypatch, name, parametrization, model_offset, target_offset, dtype):
+    """A tempered student's ``logit_scale`` 1/T, applied as the kernel reads the logits (three tiles)."""
+    monkeypatch.setattr(triton_losses, "MAX_BLOCK", 16)
+    prob = make_problem(n=4, k=40, dtype=torch.float32, seed=29)
+    options = dict(parametrization=parametrization, model_offset=model_offset, target_offset=target_offset)
+    check_against_reference(use, name, prob, row_weights(4).float(), z=prob.z.to(dtype), logit_scale=0.4, **options)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", LOSSES)
 def test_half_precision_logits_are_read_directly(use, name, dtype):

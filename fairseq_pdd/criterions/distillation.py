@@ -98,8 +98,9 @@ class _DistillationCriterion(FairseqCriterion):
             return stats.mean_probs
         return stats.mean_probs * (1.0 - eps) + eps / stats.num_classes
 
-    def token_loss(self, logits, stats: EnsembleStatistics):
-        """(per-token loss (N,), log-normaliser of the predictive (N,)) for logits (N, K)."""
+    def token_loss(self, logits, stats: EnsembleStatistics, logit_scale: float = 1.0):
+        """(per-token loss (N,), log-normaliser of the predictive (N,)) for the logits ``logit_scale * logits``
+        (N, K), the gradient with respect to ``logits`` (:mod:`fairseq_pdd.distill.losses`)."""
         raise NotImplementedError
 
     def target_log_numerator(self, target_logits: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -117,16 +118,15 @@ class _DistillationCriterion(FairseqCriterion):
         target = model.get_targets(sample, net_output)
         mask = target.ne(self.padding_idx)
         logits = net_output[0][mask]
-        temperature = sample.get(STUDENT_TEMPERATURE_KEY, 1.0)
-        if temperature != 1.0:
-            logits = logits / temperature
+        # the student's logits at temperature T are z / T: the losses scale them as they read them
+        logit_scale = 1.0 / sample.get(STUDENT_TEMPERATURE_KEY, 1.0)
         if logits.shape != stats.mean_probs.shape:
             raise ValueError(
                 f"student output {tuple(logits.shape)} (tokens x classes) does not match the "
                 f"ensemble statistics {tuple(stats.mean_probs.shape)}: the student's and the "
                 "teachers' target vocabularies differ"
             )
-        per_token, log_norm = self.token_loss(logits, stats)
+        per_token, log_norm = self.token_loss(logits, stats, logit_scale)
         loss = per_token.sum()
         if not torch.isfinite(loss.detach()).item():
             raise NonFiniteError(
@@ -135,7 +135,7 @@ class _DistillationCriterion(FairseqCriterion):
             )
         with torch.no_grad():
             tgt = target[mask]
-            target_logits = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).float()
+            target_logits = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).float() * logit_scale
             nll = (log_norm - self.target_log_numerator(target_logits, logits.shape[-1])).sum()
             logging_output = self.logging_output(sample, loss, nll, stats, log_norm)
         return loss, logging_output["sample_size"], logging_output
@@ -195,10 +195,10 @@ class _DirichletCriterion(_DistillationCriterion):
 class ReverseKLProxyDistillation(_DirichletCriterion):
     """PD-EnD2: ``KL(Dir(alpha) || Dir(B pbar + 1)) / B``, ``B = beta0 + K * target_offset``."""
 
-    def token_loss(self, logits, stats):
+    def token_loss(self, logits, stats, logit_scale=1.0):
         scale = self.proxy_precision(stats) + stats.num_classes * self.cfg.target_offset
         return losses.rkl_proxy_loss(
-            logits, self.mean_probs(stats), scale, self.cfg.parametrization, self.cfg.model_offset
+            logits, self.mean_probs(stats), scale, self.cfg.parametrization, self.cfg.model_offset, logit_scale
         )
 
 
@@ -206,7 +206,7 @@ class ReverseKLProxyDistillation(_DirichletCriterion):
 class ForwardKLProxyDistillation(_DirichletCriterion):
     """Forward KL to the proxy: ``KL(Dir(beta0 pbar + target_offset) || Dir(alpha))``."""
 
-    def token_loss(self, logits, stats):
+    def token_loss(self, logits, stats, logit_scale=1.0):
         return losses.fkl_proxy_loss(
             logits,
             self.mean_probs(stats),
@@ -214,6 +214,7 @@ class ForwardKLProxyDistillation(_DirichletCriterion):
             self.cfg.target_offset,
             self.cfg.parametrization,
             self.cfg.model_offset,
+            logit_scale,
         )
 
 
@@ -223,9 +224,9 @@ class DirichletNLLDistillation(_DirichletCriterion):
 
     reads_mean_log_probs = True
 
-    def token_loss(self, logits, stats):
+    def token_loss(self, logits, stats, logit_scale=1.0):
         return losses.dirichlet_nll_loss(
-            logits, stats.mean_log_probs, self.cfg.parametrization, self.cfg.model_offset
+            logits, stats.mean_log_probs, self.cfg.parametrization, self.cfg.model_offset, logit_scale
         )
 
 
@@ -233,5 +234,5 @@ class DirichletNLLDistillation(_DirichletCriterion):
 class MeanKLDistillation(_DistillationCriterion):
     """KD to the ensemble mean: ``KL(pbar || softmax(z))``."""
 
-    def token_loss(self, logits, stats):
-        return losses.mean_kd_loss(logits, self.mean_probs(stats))
+    def token_loss(self, logits, stats, logit_scale=1.0):
+        return losses.mean_kd_loss(logits, self.mean_probs(stats), logit_scale)

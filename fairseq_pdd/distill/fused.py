@@ -32,8 +32,9 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunked_rows(kernel, num_extras, logits, need_grad, *targets):
-    """Run ``kernel`` chunk by chunk; (loss (N,), log-normaliser (N,), extras (N, E), dL/dz (N, K) or None)."""
+def _chunked_rows(kernel, num_extras, logit_scale, logits, need_grad, *targets):
+    """Run ``kernel`` chunk by chunk on ``logit_scale * logits``; (loss (N,), log-normaliser (N,), extras (N, E),
+    dL/dz (N, K) or None), the gradient with respect to the unscaled logits."""
     n, k = logits.shape
     dtype = compute_dtype(logits.dtype)
     rows = max(1, CHUNK_ELEMENTS // max(k, 1))
@@ -44,13 +45,14 @@ def _chunked_rows(kernel, num_extras, logits, need_grad, *targets):
     for start in range(0, n, rows):
         sl = slice(start, start + rows)
         chunk_targets = [t[sl].to(dtype) for t in targets]
-        out = kernel(logits[sl].to(dtype), *chunk_targets, need_grad=need_grad)
+        z = logits[sl].to(dtype)
+        out = kernel(z if logit_scale == 1.0 else z * logit_scale, *chunk_targets, need_grad=need_grad)
         loss[sl] = out[0]
         log_norm[sl] = out[2]
         if num_extras:
             extras[sl] = out[3]
         if need_grad:
-            grad[sl] = out[1]
+            grad[sl] = out[1] if logit_scale == 1.0 else out[1].mul_(logit_scale)
     return loss, log_norm, extras, grad
 
 
@@ -97,7 +99,7 @@ def token_loss_with_gradient(compute, logits: torch.Tensor, *targets: torch.Tens
 
 
 def chunked_token_loss(
-    kernel: Kernel, logits: torch.Tensor, *targets: torch.Tensor, num_extras: int = 0
+    kernel: Kernel, logits: torch.Tensor, *targets: torch.Tensor, num_extras: int = 0, logit_scale: float = 1.0
 ) -> Tuple[torch.Tensor, ...]:
     """Apply ``kernel`` row-chunk by row-chunk; return the per-token loss (N,) and log-normaliser (N,).
 
@@ -109,7 +111,10 @@ def chunked_token_loss(
             and the call returns them too, as a third value (N, E) outside the graph.
         logits: (N, K) student logits; differentiable.
         targets: tensors with leading dimension N (detached teacher statistics).
+        logit_scale: s, the loss is that of ``s * logits`` (``s = 1/T`` for a tempered student): each chunk is
+            scaled as it is upcast (no (N, K) copy of the logits) and its gradient multiplied by s, so that the
+            gradient is with respect to the given logits (``dL/dz = s dL/d(s z)``).
     """
-    compute = functools.partial(_chunked_rows, kernel, num_extras)
+    compute = functools.partial(_chunked_rows, kernel, num_extras, logit_scale)
     loss, log_norm, extras = token_loss_with_gradient(compute, logits, *targets)
     return (loss, log_norm, extras) if num_extras else (loss, log_norm)

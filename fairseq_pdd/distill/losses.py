@@ -20,6 +20,10 @@ psi1 = trigamma, lnG = lgamma, ``e = d alpha / d z``.
 * :func:`mean_kd_loss` (KD to the ensemble mean) ``KL(pbar || softmax(z))``;
   ``dL/dz = softmax(z) - pbar``.
 
+Every function takes ``logit_scale`` s (default 1): the loss is then that of ``s * z`` (``s = 1/T`` for a
+tempered student) with the gradient with respect to ``z`` (``dL/dz = s dL/d(s z)``); the scale is applied as
+the logits are read, so no scaled (N, K) copy of them exists.
+
 The kernels here are the reference and the CPU path. For CUDA logits (not float64) the same losses run
 as one Triton kernel each (:mod:`fairseq_pdd.distill.triton_losses`) when triton imports; the environment
 variable ``FAIRSEQ_PDD_KERNELS=auto|torch|triton`` overrides the choice (:mod:`fairseq_pdd.distill.backend`).
@@ -101,19 +105,21 @@ def _kd_kernel(z, pbar, *, need_grad):
     return loss, log_q.exp_().sub_(pbar), log_norm
 
 
-def rkl_proxy_loss(z, mean_probs, scale, parametrization="exp", model_offset=0.0):
+def rkl_proxy_loss(z, mean_probs, scale, parametrization="exp", model_offset=0.0, logit_scale=1.0):
     """PD-EnD2 per-token loss (N,) and ``log a0`` (N,): ``KL(Dir(alpha) || Dir(scale * pbar + 1)) / scale``.
 
     Args:
         z: (N, K) student logits. mean_probs: pbar (N, K). scale: B (N,).
     """
     if backend.use_triton(z):
-        return _triton_loss("rkl", z, mean_probs, scale, parametrization=parametrization, model_offset=model_offset)
+        return _triton_loss("rkl", z, mean_probs, scale, parametrization=parametrization, model_offset=model_offset,
+                            logit_scale=logit_scale)
     kernel = partial(_rkl_kernel, parametrization=parametrization, offset=model_offset)
-    return chunked_token_loss(kernel, z, mean_probs, scale)
+    return chunked_token_loss(kernel, z, mean_probs, scale, logit_scale=logit_scale)
 
 
-def fkl_proxy_loss(z, mean_probs, precision, target_offset=0.0, parametrization="exp", model_offset=0.0):
+def fkl_proxy_loss(z, mean_probs, precision, target_offset=0.0, parametrization="exp", model_offset=0.0,
+                   logit_scale=1.0):
     """Forward KL to the proxy per token (N,), and ``log a0`` (N,): ``KL(Dir(precision * pbar + target_offset) || Dir(alpha))``.
 
     Args:
@@ -121,23 +127,24 @@ def fkl_proxy_loss(z, mean_probs, precision, target_offset=0.0, parametrization=
     """
     if backend.use_triton(z):
         return _triton_loss("fkl", z, mean_probs, precision, parametrization=parametrization,
-                            model_offset=model_offset, target_offset=target_offset)
+                            model_offset=model_offset, target_offset=target_offset, logit_scale=logit_scale)
     kernel = partial(
         _fkl_kernel, parametrization=parametrization, offset=model_offset, target_offset=target_offset
     )
-    return chunked_token_loss(kernel, z, mean_probs, precision)
+    return chunked_token_loss(kernel, z, mean_probs, precision, logit_scale=logit_scale)
 
 
-def dirichlet_nll_loss(z, mean_log_probs, parametrization="exp", model_offset=0.0):
+def dirichlet_nll_loss(z, mean_log_probs, parametrization="exp", model_offset=0.0, logit_scale=1.0):
     """EnD2 per-token loss (N,) and ``log a0`` (N,): mean over members of ``-log Dir(p_m; alpha)``, from mlog (N, K)."""
     if backend.use_triton(z):
-        return _triton_loss("nll", z, mean_log_probs, parametrization=parametrization, model_offset=model_offset)
+        return _triton_loss("nll", z, mean_log_probs, parametrization=parametrization, model_offset=model_offset,
+                            logit_scale=logit_scale)
     kernel = partial(_nll_kernel, parametrization=parametrization, offset=model_offset)
-    return chunked_token_loss(kernel, z, mean_log_probs)
+    return chunked_token_loss(kernel, z, mean_log_probs, logit_scale=logit_scale)
 
 
-def mean_kd_loss(z, mean_probs):
+def mean_kd_loss(z, mean_probs, logit_scale=1.0):
     """KD to the ensemble mean per token (N,): ``KL(pbar || softmax(z))``, and ``logsumexp(z)``."""
     if backend.use_triton(z):
-        return _triton_loss("kd", z, mean_probs)
-    return chunked_token_loss(_kd_kernel, z, mean_probs)
+        return _triton_loss("kd", z, mean_probs, logit_scale=logit_scale)
+    return chunked_token_loss(_kd_kernel, z, mean_probs, logit_scale=logit_scale)

@@ -25,6 +25,9 @@ Per class, with ``alpha = clamp(f(z)) + model_offset``, ``e = d alpha / dz`` (:m
   ``dL/dz_k = e_k [psi(alpha_k) - psi(a0) - mlog_k]``;
 * kd: ``L = sum_k (p_k log p_k - p_k (z_k - lse))``, ``lse = logsumexp(z)``; ``dL/dz_k = exp(z_k - lse) - p_k``.
 
+A scale ``s`` of the logits (``logit_scale``, a tempered student's 1/T) multiplies them as they are read and
+the stored gradient (``dL/dz = s dL/d(s z)``), so ``z / T`` is never materialised.
+
 Importing this module needs ``triton``; on CPU tensors the kernel runs only under Triton's interpreter
 (``TRITON_INTERPRET=1`` before triton is imported).
 """
@@ -74,7 +77,7 @@ def _alpha_and_derivative(z, upper, model_offset, PARAM: tl.constexpr):
 @triton.jit
 def _token_loss_kernel(
     z_ptr, t_ptr, s_ptr, loss_ptr, log_norm_ptr, grad_ptr,
-    K, z_stride, t_stride, g_stride, upper, model_offset, target_offset,
+    K, z_stride, t_stride, g_stride, upper, model_offset, target_offset, z_scale,
     LOSS: tl.constexpr, PARAM: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -101,10 +104,10 @@ def _token_loss_kernel(
         idx = start + cols
         mask = idx < K
         if LOSS == _KD:
-            z = tl.load(z_row + idx, mask=mask, other=float("-inf")).to(tl.float32)
+            z = tl.load(z_row + idx, mask=mask, other=float("-inf")).to(tl.float32) * z_scale
             first, second = logsumexp_update(first, second, z)
         else:
-            z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)
+            z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32) * z_scale
             alpha, _ = _alpha_and_derivative(z, upper, model_offset, PARAM)
             first += tl.where(mask, alpha, 0.0)
             if LOSS != _NLL:
@@ -128,7 +131,7 @@ def _token_loss_kernel(
     for start in range(0, K, BLOCK):
         idx = start + cols
         mask = idx < K
-        z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_row + idx, mask=mask, other=0.0).to(tl.float32) * z_scale
         t = tl.load(t_row + idx, mask=mask, other=0.0).to(tl.float32)
         if LOSS == _KD:
             log_q = z - lse
@@ -153,7 +156,7 @@ def _token_loss_kernel(
                     grad = e * (digamma(alpha) - psi_a0 - target_gap)
         total += tl.where(mask, term, 0.0)
         if NEED_GRAD:
-            tl.store(grad_ptr + row * g_stride + idx, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_ptr + row * g_stride + idx, (grad * z_scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
     value = tl.sum(total, 0)
     if LOSS == _RKL:
@@ -171,7 +174,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() < 2 or x.stride(-1) == 1 else x.contiguous()
 
 
-def _compute(loss_id: int, param: int, model_offset: float, target_offset: float,
+def _compute(loss_id: int, param: int, model_offset: float, target_offset: float, logit_scale: float,
              logits: torch.Tensor, need_grad: bool, target: torch.Tensor, row_scale: Optional[torch.Tensor] = None):
     """``compute`` of :func:`fairseq_pdd.distill.fused.token_loss_with_gradient` by the kernel."""
     n, k = logits.shape
@@ -187,6 +190,7 @@ def _compute(loss_id: int, param: int, model_offset: float, target_offset: float
         _token_loss_kernel[(n,)](
             logits, target, scale, loss, log_norm, loss if grad is None else grad,
             k, logits.stride(0), target.stride(0), k, dirichlet.ALPHA_MAX / max(k, 1), model_offset, target_offset,
+            logit_scale,
             LOSS=loss_id, PARAM=param, NEED_GRAD=need_grad, BLOCK=block,
         )
     return loss, log_norm, logits.new_empty(n, 0, dtype=torch.float32), grad
@@ -200,6 +204,7 @@ def token_loss(
     parametrization: str = "exp",
     model_offset: float = 0.0,
     target_offset: float = 0.0,
+    logit_scale: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss (N,) and log-normaliser (N,) of loss ``name`` (:data:`LOSS_IDS`), float32.
 
@@ -207,11 +212,12 @@ def token_loss(
         logits: (N, K) student logits (float32, float16 or bfloat16), differentiable.
         target: pbar (rkl, fkl, kd) or mlog (nll), (N, K).
         row_scale: B (rkl) or beta0 (fkl), (N,); None for nll and kd.
+        logit_scale: s: the loss of ``s * logits``, the gradient with respect to ``logits`` (scaled as read).
     """
     dirichlet.check_parametrization(parametrization)
     compute = functools.partial(
         _compute, LOSS_IDS[name], dirichlet.PARAMETRIZATIONS.index(parametrization), float(model_offset),
-        float(target_offset),
+        float(target_offset), float(logit_scale),
     )
     targets = (target,) if row_scale is None else (target, row_scale)
     loss, log_norm, _ = fused.token_loss_with_gradient(compute, logits, *targets)
