@@ -132,8 +132,9 @@ class EnsembleAccumulator:
     probabilities, a scratch), five with the weighted mixture (``add(..., weight=)``), from ``workspace``
     when given (e.g. one per decoding run, so that steps re-use them; the statistics' ``mean_probs`` and
     ``mean_log_probs`` are then valid until the next accumulator of that workspace adds a member), else
-    fresh. The Triton path needs neither the member's probabilities (unless returned) nor the scratch. No
-    autograd: the buffers are written in place.
+    fresh; from logits the torch path also writes the member's log-probabilities to one more kept buffer. The
+    Triton path needs neither the member's probabilities (unless returned) nor the scratch, nor, from logits,
+    its log-probabilities. No autograd: the buffers are written in place.
     """
 
     def __init__(self, workspace: Optional[Workspace] = None) -> None:
