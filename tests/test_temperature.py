@@ -1,7 +1,10 @@
 """The teachers' temperature: the annealing schedule, and the tempered statistics against torch's softmax."""
+import math
+
 import pytest
 import torch
 
+from fairseq_pdd.distill.ensemble_stats import smooth_log_probs_
 from fairseq_pdd.distill.temperature import AnnealingError, TemperatureSchedule
 from fairseq_pdd.teachers.ensemble import TeacherEnsemble
 
@@ -76,6 +79,29 @@ def test_tempered_statistics_are_those_of_softmax_of_logits_over_t(members, temp
         torch.testing.assert_close(getattr(got, name).double(), value, rtol=1e-5, atol=1e-5, msg=name)
     log_mean = ensemble.log_predictive(SAMPLE, MASK, temperature)
     torch.testing.assert_close(log_mean.double(), pbar.log(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature,eps", [(1.0, 1e-3), (3.0, 1e-3), (1.0, 0.2)])
+def test_smoothed_statistics_are_those_of_the_smoothed_members(members, temperature, eps):
+    """--teacher-smoothing: oracle (1 - eps) softmax(z_m / T) + eps / K per member in float64, then the
+    statistics by their definitions; mlog is the mean of the smoothed members' logs."""
+    ensemble = TeacherEnsemble([FixedLogits(z * 3) for z in members], ["t"] * len(members), torch.float32)
+    got = ensemble.statistics(SAMPLE, MASK, temperature, eps)
+    probs = torch.stack([torch.softmax(3 * z[MASK].double() / temperature, -1) for z in members])
+    probs = (1 - eps) * probs + eps / V
+    pbar, mlog = probs.mean(0), probs.log().mean(0)
+    torch.testing.assert_close(got.mean_probs.double(), pbar, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.mean_log_probs.double(), mlog, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.expected_entropy.double(), -(probs * probs.log()).sum(-1).mean(0), rtol=1e-5, atol=1e-5)
+    assert got.mean_log_probs.min() >= math.log(eps / V) - 1e-5
+    log_mean = ensemble.log_predictive(SAMPLE, MASK, temperature, eps)
+    torch.testing.assert_close(log_mean.double(), pbar.log(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.0, float("nan")])
+def test_bad_teacher_smoothing_is_refused(eps):
+    with pytest.raises(ValueError, match="must be in \\[0, 1\\)"):
+        smooth_log_probs_(torch.zeros(2, V), eps)
 
 
 def test_higher_temperature_softens_the_teachers(members):
