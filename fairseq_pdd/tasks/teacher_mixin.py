@@ -134,7 +134,8 @@ class TeacherEnsembleMixin:
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         if not self.teacher_options.teacher_cache:
             return
-        self.temperature_schedule()  # refuses annealing before the cache is opened
+        self.temperature_schedule()  # refuse annealing and smoothing before the cache is opened
+        self.teacher_smoothing()
         if not hasattr(self, "_teacher_caches"):
             self._teacher_caches = {}
             self._teacher_fingerprint = teacher_fingerprint(split_paths(self.teacher_options.ensemble_paths))

@@ -17,10 +17,9 @@
 # (sequence_distribution_distillation, system end2) and the forward KL to the proxy
 # (dirichlet_proxy_distillation, system fkl_proxy) train from scratch here (MT), in ANNEAL_CRITERIA: the
 # temperature annealed from INIT_TEMP (5) to 1 over updates ANNEAL_START (0) .. ANNEAL_END (6/7 of the
-# students' updates), the proxy's precision capped at MAX_TARGET_PRECISION (100, about K), EnD2's loss
-# per token divided by the student's precision (DIVIDE_BY_PRECISION=1) and its teachers smoothed by
-# TEACHER_SMOOTHING (1e-3); both then reach the KD student's BLEU (docs/errors.md, "EnD2 and the forward
-# KL to the proxy from scratch"). FINETUNE_FROM_KD="sequence_distribution_distillation ..." starts them
+# students' updates), the proxy's precision capped at MAX_TARGET_PRECISION (100, about K) and EnD2's loss
+# per token divided by the student's precision (DIVIDE_BY_PRECISION=1); both then reach the KD student's
+# BLEU (docs/errors.md, "EnD2 and the forward KL to the proxy from scratch"). FINETUNE_FROM_KD="sequence_distribution_distillation ..." starts them
 # from the KD student instead (list KD before them). With --asr the former settings stay (not measured), e.g.
 #   CRITERIA="forward_kl_mean_distillation rkl_dirichlet_proxy_distillation sequence_distribution_distillation
 #   dirichlet_proxy_distillation" bash recipes/toy/run.sh
@@ -34,7 +33,7 @@ if [ "$ASR" = 0 ]; then
   # students' updates (500 of 580 measured), known once teacher 1 has trained (a dry run prints "auto")
   : "${FINETUNE_FROM_KD=}" "${ANNEAL_CRITERIA=sequence_distribution_distillation dirichlet_proxy_distillation}"
   : "${INIT_TEMP:=5}" "${ANNEAL_START:=0}" "${ANNEAL_END:=auto}"
-  : "${MAX_TARGET_PRECISION=100}" "${DIVIDE_BY_PRECISION=1}" "${TEACHER_SMOOTHING=1e-3}"
+  : "${MAX_TARGET_PRECISION=100}" "${DIVIDE_BY_PRECISION=1}"
 else
   # speech: the annealing window tried on 12-epoch MT students (not tuned for ASR); the KD warm start
   : "${INIT_TEMP:=10}" "${ANNEAL_START:=0}" "${ANNEAL_END:=300}"
