@@ -124,12 +124,12 @@ ensemble_paths() {
 # as they are: the criteria of FINETUNE_FROM_KD start from the KD student (listed before them in
 # CRITERIA); those of ANNEAL_CRITERIA train with the temperature of the teachers and the student
 # (--temper-student) annealed from INIT_TEMP to 1 between updates ANNEAL_START and ANNEAL_END (a
-# criterion may be in both). From scratch they also need (docs/criteria.md, "Training EnD2 and the
-# forward KL to the proxy from scratch"): MAX_TARGET_PRECISION, the forward KL's cap on the proxy
-# precision (--max-target-precision; empty: none), DIVIDE_BY_PRECISION=1, EnD2's loss per token over
-# the student's precision (--divide-by-precision), TEACHER_SMOOTHING, EnD2's teachers smoothed
-# towards uniform (--teacher-smoothing; empty: none). Measured on the demo task only (recipes/toy sets
-# them and trains both from scratch); at the paper's vocabularies the warm start stays the default.
+# criterion may be in both). Options that help them from scratch (docs/criteria.md, "Training EnD2
+# and the forward KL to the proxy from scratch"): MAX_TARGET_PRECISION, the forward KL's cap on the
+# proxy precision (--max-target-precision; empty: none), DIVIDE_BY_PRECISION=1, EnD2's loss per token
+# over the student's precision (--divide-by-precision), TEACHER_SMOOTHING, EnD2's teachers smoothed
+# towards uniform (--teacher-smoothing; empty: none). Measured on the demo task only (recipes/toy
+# trains both from scratch with them); at the paper's vocabularies the warm start stays the default.
 : "${FINETUNE_FROM_KD=dirichlet_proxy_distillation sequence_distribution_distillation}"  # empty: no warm start
 : "${ANNEAL_CRITERIA=}" "${INIT_TEMP:=10}" "${ANNEAL_START:=0}" "${ANNEAL_END:=4000}"
 : "${MAX_TARGET_PRECISION=}" "${DIVIDE_BY_PRECISION=0}" "${TEACHER_SMOOTHING=}"

@@ -61,7 +61,7 @@ class DirichletDistillationConfig(DistillationCriterionConfig):
     divide_by_precision: bool = field(
         default=False,
         metadata={"help": "divide each token's loss by the student's precision a0 (detached): the same minimiser "
-                  "per token, a gradient scale independent of a0 (the from-scratch EnD2 needs it, docs/criteria.md)"},
+                  "per token, a gradient scale independent of a0 (EnD2 from scratch, docs/criteria.md)"},
     )
 
 
@@ -76,8 +76,8 @@ class ProxyDistillationConfig(DirichletDistillationConfig):
     )
     max_target_precision: float = field(
         default=0.0,
-        metadata={"help": "cap the proxy precision: beta0 = min(beta0, this); 0: no cap (the from-scratch "
-                  "forward KL to the proxy needs one, see docs/criteria.md)"},
+        metadata={"help": "cap the proxy precision: beta0 = min(beta0, this); 0: no cap (the forward KL to the "
+                  "proxy from scratch, docs/criteria.md)"},
     )
     label_smoothing: float = field(
         default=0.0,
@@ -112,7 +112,7 @@ class _DistillationCriterion(FairseqCriterion):
         """(per-token loss (N,), log-normaliser of the predictive (N,)) for logits (N, K)."""
         raise NotImplementedError
 
-    def token_weights(self, per_token: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
+    def weighted_token_losses(self, per_token: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
         """The per-token losses (N,) as summed into the loss; ``log_norm`` is the predictive's log-normaliser."""
         return per_token
 
@@ -141,7 +141,7 @@ class _DistillationCriterion(FairseqCriterion):
                 "teachers' target vocabularies differ"
             )
         per_token, log_norm = self.token_loss(logits, stats)
-        loss = self.token_weights(per_token, log_norm).sum()
+        loss = self.weighted_token_losses(per_token, log_norm).sum()
         if not torch.isfinite(loss.detach()).item():
             raise NonFiniteError(
                 f"non-finite distillation loss (student logits finite: "
@@ -201,10 +201,10 @@ class _DistillationCriterion(FairseqCriterion):
 class _DirichletCriterion(_DistillationCriterion):
     dirichlet = True
 
-    def token_weights(self, per_token, log_norm):
+    def weighted_token_losses(self, per_token, log_norm):
         """With ``--divide-by-precision``: ``L_t / a0_t``, a0 detached (``log_norm`` is ``log a0``). Each token's
-        minimiser is unchanged; its gradient no longer grows with the student's precision (a ~ a0 * mean error
-        term), so tokens with a huge a0 do not dominate the batch."""
+        minimiser is unchanged; its gradient no longer grows with the student's precision (for exp it is about
+        a0 times the error of the mean), so tokens with a huge a0 do not dominate the batch."""
         if not self.cfg.divide_by_precision:
             return per_token
         return per_token * torch.exp(-log_norm.detach()).to(per_token.dtype)

@@ -25,6 +25,11 @@ runs, and ``checkpoint_best`` is chosen on it. The training logs carry ``teacher
 token-weighted mean of T over the logged updates). A teacher cache stores only ``T = 1`` statistics
 of the ensemble mean (the members' tempered distributions, whose mean and disagreement are not
 functions of the cached ones, are gone), so annealing with ``--teacher-cache`` is refused.
+
+``--teacher-smoothing eps`` (off by default) smooths each teacher's tempered distribution towards
+uniform, ``(1 - eps) p_m + eps / K``, before the accumulation, in training and validation
+(:func:`fairseq_pdd.distill.ensemble_stats.smooth_log_probs_`); refused with ``--teacher-cache`` for the
+same reason.
 """
 import logging
 from dataclasses import dataclass, field
