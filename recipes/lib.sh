@@ -120,14 +120,19 @@ ensemble_paths() {
 # Defaults of the students' criteria, the same in every recipe (a config.sh may set them first).
 : "${CRITERIA:=rkl_dirichlet_proxy_distillation forward_kl_mean_distillation}"
 : "${TARGET_CONCENTRATION:=mkl}" "${MODEL_OFFSET:=1}" "${TARGET_OFFSET:=1}"
-# EnD2's NLL and the forward KL to the proxy collapse to a flat Dirichlet when trained from scratch:
-# the criteria of FINETUNE_FROM_KD start from the KD student (listed before them in CRITERIA); those
-# of ANNEAL_CRITERIA train with the temperature of the teachers and the student (--temper-student)
-# annealed from INIT_TEMP to 1 between updates ANNEAL_START and ANNEAL_END (a criterion may be in
-# both). Annealing alone did not prevent the collapse on the demo task (docs: "Temperature
-# annealing"), so the warm start stays the default.
+# EnD2's NLL and the forward KL to the proxy collapse to a flat Dirichlet when trained from scratch
+# as they are: the criteria of FINETUNE_FROM_KD start from the KD student (listed before them in
+# CRITERIA); those of ANNEAL_CRITERIA train with the temperature of the teachers and the student
+# (--temper-student) annealed from INIT_TEMP to 1 between updates ANNEAL_START and ANNEAL_END (a
+# criterion may be in both). Options that help them from scratch (docs/criteria.md, "Training EnD2
+# and the forward KL to the proxy from scratch"): MAX_TARGET_PRECISION, the forward KL's cap on the
+# proxy precision (--max-target-precision; empty: none), DIVIDE_BY_PRECISION=1, EnD2's loss per token
+# over the student's precision (--divide-by-precision), TEACHER_SMOOTHING, EnD2's teachers smoothed
+# towards uniform (--teacher-smoothing; empty: none). Measured on the demo task only (recipes/toy
+# trains both from scratch with them); at the paper's vocabularies the warm start stays the default.
 : "${FINETUNE_FROM_KD=dirichlet_proxy_distillation sequence_distribution_distillation}"  # empty: no warm start
-: "${ANNEAL_CRITERIA:=}" "${INIT_TEMP:=10}" "${ANNEAL_START:=0}" "${ANNEAL_END:=4000}"
+: "${ANNEAL_CRITERIA=}" "${INIT_TEMP:=10}" "${ANNEAL_START:=0}" "${ANNEAL_END:=4000}"
+: "${MAX_TARGET_PRECISION=}" "${DIVIDE_BY_PRECISION=0}" "${TEACHER_SMOOTHING=}"
 : "${PYTHON:=python}"
 
 # derive_update_freq PREFIX: the batch settings of one kind of training run, PREFIX "" (students) or
@@ -237,9 +242,14 @@ criterion_options() {
   crit=(--criterion "$1")
   case $1 in
     forward_kl_mean_distillation) ;;
-    sequence_distribution_distillation) crit+=(--model-offset "$MODEL_OFFSET") ;;
+    sequence_distribution_distillation)
+      crit+=(--model-offset "$MODEL_OFFSET")
+      [ "$DIVIDE_BY_PRECISION" != 1 ] || crit+=(--divide-by-precision)
+      [ -z "$TEACHER_SMOOTHING" ] || crit+=(--teacher-smoothing "$TEACHER_SMOOTHING") ;;
     dirichlet_proxy_distillation | rkl_dirichlet_proxy_distillation)
-      crit+=(--target-concentration "$TARGET_CONCENTRATION" --model-offset "$MODEL_OFFSET" --target-offset "$TARGET_OFFSET") ;;
+      crit+=(--target-concentration "$TARGET_CONCENTRATION" --model-offset "$MODEL_OFFSET" --target-offset "$TARGET_OFFSET")
+      [ "$1" = rkl_dirichlet_proxy_distillation ] || [ -z "$MAX_TARGET_PRECISION" ] ||
+        crit+=(--max-target-precision "$MAX_TARGET_PRECISION") ;;
     *) echo "error: unknown criterion '$1' in CRITERIA" >&2; exit 1 ;;
   esac
 }

@@ -1,5 +1,5 @@
 """Temperature annealing through the real fairseq-train: T logged per update, resumed from the checkpoint,
-T = 1 in validation, refused with a teacher cache."""
+T = 1 in validation, refused with a teacher cache (as is --teacher-smoothing)."""
 import json
 import os
 
@@ -62,6 +62,16 @@ def test_annealing_is_refused_with_a_teacher_cache(toy_mt, tmp_path):
     log = distil(toy_mt, str(tmp_path / "cached"), 2, ["--teacher-cache", str(tmp_path / "cache")],
                  expect_failure=True)
     assert "holds only their T = 1 statistics" in log
+
+
+@pytest.mark.parametrize("extra,problem", [
+    (["--teacher-smoothing", "1e-3", "--teacher-cache", "CACHE"], "--teacher-cache holds only the ensemble mean's top-k"),
+    (["--teacher-smoothing", "1"], "--teacher-smoothing must be in [0, 1), got 1.0"),
+])
+def test_bad_teacher_smoothing_is_refused(toy_mt, tmp_path, extra, problem):
+    extra = [str(tmp_path / "cache") if a == "CACHE" else a for a in extra]
+    log = distil(toy_mt, str(tmp_path / "smoothed"), 2, ["--init-temp", "1", *extra], expect_failure=True)
+    assert problem in log
 
 
 def test_anneal_end_before_start_is_refused(toy_mt, tmp_path):

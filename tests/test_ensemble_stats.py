@@ -171,6 +171,21 @@ def test_proxy_precision_without_disagreement_is_finite(mode):
     torch.testing.assert_close(beta0, torch.full((3,), 9 / dirichlet.EPS_LOSS))
 
 
+@pytest.mark.parametrize("mode", dirichlet.TARGET_CONCENTRATIONS)
+def test_proxy_precision_cap(mode):
+    """--max-target-precision C: min(beta0, C) elementwise; 0 leaves beta0 as it is; a negative cap is refused."""
+    stats = ensemble_statistics(member_log_probs(5, k=50, seed=7))
+    k = stats.num_classes
+    beta0 = dirichlet.proxy_precision(stats.mkl, stats.epkl, k, mode)
+    cap = float(beta0.median())
+    capped = dirichlet.proxy_precision(stats.mkl, stats.epkl, k, mode, max_precision=cap)
+    torch.testing.assert_close(capped, torch.where(beta0 > cap, torch.full_like(beta0, cap), beta0), rtol=0, atol=0)
+    assert (capped < beta0).any() and (capped == beta0).any()
+    torch.testing.assert_close(dirichlet.proxy_precision(stats.mkl, stats.epkl, k, mode, 0.0), beta0, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        dirichlet.proxy_precision(stats.mkl, stats.epkl, k, mode, -1.0)
+
+
 def test_agreeing_members_give_non_negative_disagreement():
     """float32 rounding must not make MKL/EPKL/MI negative (a negative MKL flips the proxy precision)."""
     member = torch.log_softmax(torch.randn(2000, 800, generator=torch.Generator().manual_seed(0)) * 5, -1)

@@ -270,7 +270,8 @@ def test_clean_follows_the_moses_length_and_ratio_rule(tmp_path):
 
 def test_dry_run_of_the_other_criteria(tmp_path):
     """EnD2 and the forward KL to the proxy start from the KD student, or (ANNEAL_CRITERIA) train with the
-    temperature annealed, with only their own options; a misspelt criterion stops stage 4."""
+    temperature annealed, with only their own options (MAX_TARGET_PRECISION, DIVIDE_BY_PRECISION,
+    TEACHER_SMOOTHING when set); a misspelt criterion stops stage 4."""
     env = recipe_env(DRY_RUN="1", WORK="work", STAGES="4", CRITERIA="forward_kl_mean_distillation "
                      "sequence_distribution_distillation dirichlet_proxy_distillation rkl_dirichlet_proxy_distillation")
 
@@ -295,6 +296,14 @@ def test_dry_run_of_the_other_criteria(tmp_path):
     anneal = "--init-temp 4 --anneal-start 0 --anneal-end 1000 --temper-student "
     assert f"--criterion sequence_distribution_distillation --model-offset 1 {anneal}--max-tokens" in end2
     assert f"--target-offset 1 {anneal}{warm}" in fkl  # both: annealed from the KD student
+    assert all(o not in line for o in ("--max-target-precision", "--divide-by-precision", "--teacher-smoothing")
+               for line in (kd, end2, fkl, pd))  # off by default
+    env.update(MAX_TARGET_PRECISION="50", DIVIDE_BY_PRECISION="1", TEACHER_SMOOTHING="1e-3", FINETUNE_FROM_KD="")
+    kd, end2, fkl, pd = trains()
+    assert f"--model-offset 1 --divide-by-precision --teacher-smoothing 1e-3 {anneal}--max-tokens" in end2
+    assert f"--target-offset 1 --max-target-precision 50 {anneal}--max-tokens" in fkl
+    assert all(o not in line for o in ("--max-target-precision", "--divide-by-precision", "--teacher-smoothing")
+               for line in (kd, pd))  # EnD2's and the forward KL's options only
     env["CRITERIA"] = "rkl_dirichlet_proxy_distilation"
     proc = subprocess.run(["bash", os.path.join(RECIPE, "run.sh")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)

@@ -1,7 +1,10 @@
 """The teachers' temperature: the annealing schedule, and the tempered statistics against torch's softmax."""
+import math
+
 import pytest
 import torch
 
+from fairseq_pdd.distill.ensemble_stats import smooth_log_probs_
 from fairseq_pdd.distill.temperature import AnnealingError, TemperatureSchedule
 from fairseq_pdd.teachers.ensemble import TeacherEnsemble
 
@@ -78,6 +81,29 @@ def test_tempered_statistics_are_those_of_softmax_of_logits_over_t(members, temp
     torch.testing.assert_close(log_mean.double(), pbar.log(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("temperature,eps", [(1.0, 1e-3), (3.0, 1e-3), (1.0, 0.2)])
+def test_smoothed_statistics_are_those_of_the_smoothed_members(members, temperature, eps):
+    """--teacher-smoothing: oracle (1 - eps) softmax(z_m / T) + eps / K per member in float64, then the
+    statistics by their definitions; mlog is the mean of the smoothed members' logs."""
+    ensemble = TeacherEnsemble([FixedLogits(z * 3) for z in members], ["t"] * len(members), torch.float32)
+    got = ensemble.statistics(SAMPLE, MASK, temperature, eps)
+    probs = torch.stack([torch.softmax(3 * z[MASK].double() / temperature, -1) for z in members])
+    probs = (1 - eps) * probs + eps / V
+    pbar, mlog = probs.mean(0), probs.log().mean(0)
+    torch.testing.assert_close(got.mean_probs.double(), pbar, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.mean_log_probs.double(), mlog, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.expected_entropy.double(), -(probs * probs.log()).sum(-1).mean(0), rtol=1e-5, atol=1e-5)
+    assert got.mean_log_probs.min() >= math.log(eps / V) - 1e-5
+    log_mean = ensemble.log_predictive(SAMPLE, MASK, temperature, eps)
+    torch.testing.assert_close(log_mean.double(), pbar.log(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.0, float("nan")])
+def test_bad_teacher_smoothing_is_refused(eps):
+    with pytest.raises(ValueError, match="must be in \\[0, 1\\)"):
+        smooth_log_probs_(torch.zeros(2, V), eps)
+
+
 def test_higher_temperature_softens_the_teachers(members):
     """T > 1 raises every member's entropy and lowers the ensemble's disagreement (MKL) here."""
     ensemble = TeacherEnsemble([FixedLogits(z) for z in members], ["t"] * len(members), torch.float32)
@@ -142,3 +168,59 @@ def test_tempered_student_is_the_student_with_logits_over_t(members, name):
     plain_loss, grad_wrt_scaled = loss_and_grad(z / 4.0, None)
     torch.testing.assert_close(tempered_loss, plain_loss)
     torch.testing.assert_close(tempered_grad, grad_wrt_scaled / 4.0)  # chain rule through z / T
+
+
+# ----------------------------------------------- options of the from-scratch Dirichlet students (docs/criteria.md)
+
+
+def _criterion_loss_and_grad(name, members, z, **options):
+    """(loss, dL/dz) of criterion ``name`` with config ``options`` on the members' statistics, logits z (2, 5, V)."""
+    from types import SimpleNamespace
+
+    from fairseq.criterions import CRITERION_REGISTRY, CRITERION_DATACLASS_REGISTRY
+    from fairseq_pdd.criterions.distillation import STATS_KEY
+
+    pad = 1
+    task = SimpleNamespace(target_dictionary=SimpleNamespace(pad=lambda: pad))
+    criterion = CRITERION_REGISTRY[name](task, CRITERION_DATACLASS_REGISTRY[name](sentence_avg=False, **options))
+    target = torch.where(MASK, torch.zeros(2, 5, dtype=torch.long) + 3, pad)
+    stats = TeacherEnsemble([FixedLogits(m) for m in members], ["t"] * 3, torch.float32).statistics(SAMPLE, MASK)
+    logits = z.clone().requires_grad_()
+    sample = {"target": target, "net_input": {}, "id": SAMPLE["id"], "ntokens": int(MASK.sum()), STATS_KEY: stats}
+    loss, _, logging_output = criterion(FixedStudent(logits), sample)
+    loss.backward()
+    return loss.detach(), logits.grad, stats, logging_output
+
+
+@pytest.mark.parametrize("name", ["sequence_distribution_distillation", "dirichlet_proxy_distillation",
+                                  "rkl_dirichlet_proxy_distillation"])
+def test_divide_by_precision_weights_each_token_by_one_over_a0(members, name):
+    """--divide-by-precision: loss sum_t L_t / a0_t and gradient dL_t/dz / a0_t, a0 = sum_k (exp(z_k) + 1) detached
+    (oracle: the plain criterion's per-token gradient, rows scaled by 1 / a0 computed here)."""
+    z = torch.randn(2, 5, V, generator=torch.Generator().manual_seed(5)) * 2
+    plain_loss, plain_grad, _, _ = _criterion_loss_and_grad(name, members, z)
+    loss, grad, _, _ = _criterion_loss_and_grad(name, members, z, divide_by_precision=True)
+    a0 = (z.double().exp() + 1.0).sum(-1)  # model_offset 1 (default)
+    torch.testing.assert_close(grad.double(), plain_grad.double() / a0.unsqueeze(-1), rtol=1e-5, atol=1e-9)
+    assert loss.abs() < plain_loss.abs()
+
+
+@pytest.mark.parametrize("name", ["dirichlet_proxy_distillation", "rkl_dirichlet_proxy_distillation"])
+def test_max_target_precision_is_the_loss_of_the_capped_proxy(members, name):
+    """--max-target-precision C: the criterion's loss is the kernel's with min(beta0, C) (logged too)."""
+    from fairseq_pdd.distill import losses
+    from fairseq_pdd.distill.dirichlet import proxy_precision
+
+    z = torch.randn(2, 5, V, generator=torch.Generator().manual_seed(5)) * 2
+    _, _, stats, _ = _criterion_loss_and_grad(name, members, z)
+    uncapped = proxy_precision(stats.mkl, stats.epkl, V)
+    cap = float(uncapped.median())
+    loss, _, stats, logging_output = _criterion_loss_and_grad(name, members, z, max_target_precision=cap)
+    beta0 = uncapped.clamp(max=cap)
+    assert (uncapped > cap).any()
+    if name == "dirichlet_proxy_distillation":
+        expected = losses.fkl_proxy_loss(z[MASK], stats.mean_probs, beta0, 1.0, "exp", 1.0)[0].sum()
+    else:
+        expected = losses.rkl_proxy_loss(z[MASK], stats.mean_probs, beta0 + V, "exp", 1.0)[0].sum()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(logging_output["ensemble_precision"], beta0.sum())

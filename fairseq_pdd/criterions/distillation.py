@@ -58,6 +58,11 @@ class DirichletDistillationConfig(DistillationCriterionConfig):
     model_offset: float = field(
         default=1.0, metadata={"help": "added to f(z) to give the Dirichlet parameters (authors' default: 0)"}
     )
+    divide_by_precision: bool = field(
+        default=False,
+        metadata={"help": "divide each token's loss by the student's precision a0 (detached): the same minimiser "
+                  "per token, a gradient scale independent of a0 (EnD2 from scratch, docs/criteria.md)"},
+    )
 
 
 @dataclass
@@ -68,6 +73,11 @@ class ProxyDistillationConfig(DirichletDistillationConfig):
     )
     target_offset: float = field(
         default=1.0, metadata={"help": "proxy parameters beta = beta0 pbar + target_offset"}
+    )
+    max_target_precision: float = field(
+        default=0.0,
+        metadata={"help": "cap the proxy precision: beta0 = min(beta0, this); 0: no cap (the forward KL to the "
+                  "proxy from scratch, docs/criteria.md)"},
     )
     label_smoothing: float = field(
         default=0.0,
@@ -103,6 +113,10 @@ class _DistillationCriterion(FairseqCriterion):
         (N, K), the gradient with respect to ``logits`` (:mod:`fairseq_pdd.distill.losses`)."""
         raise NotImplementedError
 
+    def weighted_token_losses(self, per_token: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
+        """The per-token losses (N,) as summed into the loss; ``log_norm`` is the predictive's log-normaliser."""
+        return per_token
+
     def target_log_numerator(self, target_logits: torch.Tensor, num_classes: int) -> torch.Tensor:
         """log of the predictive's unnormalised mass at the reference tokens (N,)."""
         return target_logits
@@ -127,7 +141,7 @@ class _DistillationCriterion(FairseqCriterion):
                 "teachers' target vocabularies differ"
             )
         per_token, log_norm = self.token_loss(logits, stats, logit_scale)
-        loss = per_token.sum()
+        loss = self.weighted_token_losses(per_token, log_norm).sum()
         if not torch.isfinite(loss.detach()).item():
             raise NonFiniteError(
                 f"non-finite distillation loss (student logits finite: "
@@ -162,7 +176,8 @@ class _DistillationCriterion(FairseqCriterion):
 
     def proxy_precision(self, stats: EnsembleStatistics) -> torch.Tensor:
         mode = getattr(self.cfg, "target_concentration", "mkl")
-        return proxy_precision(stats.mkl, stats.epkl, stats.num_classes, mode)
+        cap = getattr(self.cfg, "max_target_precision", 0.0)
+        return proxy_precision(stats.mkl, stats.epkl, stats.num_classes, mode, cap)
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
@@ -185,6 +200,14 @@ class _DistillationCriterion(FairseqCriterion):
 
 class _DirichletCriterion(_DistillationCriterion):
     dirichlet = True
+
+    def weighted_token_losses(self, per_token, log_norm):
+        """With ``--divide-by-precision``: ``L_t / a0_t``, a0 detached (``log_norm`` is ``log a0``). Each token's
+        minimiser is unchanged; its gradient no longer grows with the student's precision (for exp it is about
+        a0 times the error of the mean), so tokens with a huge a0 do not dominate the batch."""
+        if not self.cfg.divide_by_precision:
+            return per_token
+        return per_token * torch.exp(-log_norm.detach()).to(per_token.dtype)
 
     def target_log_numerator(self, target_logits, num_classes):
         alpha = concentrations(target_logits, self.cfg.parametrization, self.cfg.model_offset, num_classes)

@@ -67,14 +67,19 @@ def concentrations(
 
 
 def proxy_precision(
-    mkl: torch.Tensor, epkl: torch.Tensor, num_classes: int, mode: str = "mkl"
+    mkl: torch.Tensor, epkl: torch.Tensor, num_classes: int, mode: str = "mkl", max_precision: float = 0.0
 ) -> torch.Tensor:
     """Proxy precision from ensemble disagreement (N,).
 
-    ``beta0 = (K - 1) / (2 MKL + eps)`` ("mkl") or ``(K - 1) / (EPKL + eps)`` ("epkl").
+    ``beta0 = (K - 1) / (2 MKL + eps)`` ("mkl") or ``(K - 1) / (EPKL + eps)`` ("epkl"), then
+    ``min(beta0, max_precision)`` when ``max_precision > 0`` (0: no cap).
     """
     if mode == "mkl":
-        return (num_classes - 1) / (2 * mkl + EPS_LOSS)
-    if mode == "epkl":
-        return (num_classes - 1) / (epkl + EPS_LOSS)
-    raise ValueError(f"unknown target concentration {mode!r}; choose from {TARGET_CONCENTRATIONS}")
+        beta0 = (num_classes - 1) / (2 * mkl + EPS_LOSS)
+    elif mode == "epkl":
+        beta0 = (num_classes - 1) / (epkl + EPS_LOSS)
+    else:
+        raise ValueError(f"unknown target concentration {mode!r}; choose from {TARGET_CONCENTRATIONS}")
+    if not max_precision >= 0.0:
+        raise ValueError(f"the cap on the proxy precision must be >= 0 (0: none), got {max_precision}")
+    return beta0.clamp(max=max_precision) if max_precision else beta0

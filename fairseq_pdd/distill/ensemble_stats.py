@@ -104,6 +104,23 @@ def mixture_entropies(q: torch.Tensor, mean_log_probs: torch.Tensor, scratch: Op
     return entropy, -dot_rows(clamped, q, scratch)
 
 
+def smooth_log_probs_(log_probs: torch.Tensor, eps: float) -> torch.Tensor:
+    """A member's distribution smoothed towards uniform, in log space and in place (N, K):
+
+        log p~_k = log((1 - eps) p_k + eps / K) = logaddexp(log p_k + log(1 - eps), log(eps / K))
+
+    (the EnD2 reference code's ``teacher_prob_smoothing``, applied to each member before the statistics,
+    so ``mlog`` is the mean of the smoothed members' logs and is >= log(eps / K)). ``eps`` in [0, 1);
+    0 returns ``log_probs`` unchanged.
+    """
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"teacher smoothing must be in [0, 1), got {eps}")
+    if eps == 0.0:
+        return log_probs
+    floor = log_probs.new_tensor(math.log(eps / log_probs.shape[-1]))
+    return torch.logaddexp(log_probs.add_(math.log1p(-eps)), floor, out=log_probs)
+
+
 class Workspace:
     """Named buffers kept between uses and only grown: :meth:`like` gives an uninitialised tensor over the
     name's storage. On CPU a fresh large tensor costs its page faults, often more than the arithmetic done

@@ -25,6 +25,11 @@ runs, and ``checkpoint_best`` is chosen on it. The training logs carry ``teacher
 token-weighted mean of T over the logged updates). A teacher cache stores only ``T = 1`` statistics
 of the ensemble mean (the members' tempered distributions, whose mean and disagreement are not
 functions of the cached ones, are gone), so annealing with ``--teacher-cache`` is refused.
+
+``--teacher-smoothing eps`` (off by default) smooths each teacher's tempered distribution towards
+uniform, ``(1 - eps) p_m + eps / K``, before the accumulation, in training and validation
+(:func:`fairseq_pdd.distill.ensemble_stats.smooth_log_probs_`); refused with ``--teacher-cache`` for the
+same reason.
 """
 import logging
 from dataclasses import dataclass, field
@@ -68,6 +73,12 @@ class TeacherEnsembleConfig:
     )
     anneal_start: int = field(default=0, metadata={"help": "last update at the initial teacher temperature"})
     anneal_end: int = field(default=0, metadata={"help": "first update at teacher temperature 1"})
+    teacher_smoothing: float = field(
+        default=0.0,
+        metadata={"help": "smooth each teacher's distribution towards uniform, (1 - eps) p_m + eps / K, before "
+                  "the ensemble's statistics (train and valid; the EnD2 reference code's teacher_prob_smoothing; "
+                  "refused with --teacher-cache)"},
+    )
     temper_student: bool = field(
         default=False,
         metadata={"help": "in training also divide the student's logits by the annealed T (both sides tempered, "
@@ -100,6 +111,19 @@ class TeacherEnsembleMixin:
             self._temperature_schedule = schedule
         return self._temperature_schedule
 
+    def teacher_smoothing(self) -> float:
+        """``--teacher-smoothing``, checked: in [0, 1), and 0 with a teacher cache (which holds only the
+        unsmoothed ensemble mean's top-k, not the members' distributions that are smoothed)."""
+        eps = self.teacher_options.teacher_smoothing
+        if not 0.0 <= eps < 1.0:
+            raise ValueError(f"--teacher-smoothing must be in [0, 1), got {eps}")
+        if eps and self.teacher_options.teacher_cache:
+            raise ValueError(
+                f"--teacher-smoothing {eps} smooths each teacher's distribution, but --teacher-cache holds only "
+                "the ensemble mean's top-k: train with the teachers online (--ensemble-paths) or without it"
+            )
+        return eps
+
     @property
     def teacher_options(self):
         return self.cfg if getattr(self, "cfg", None) is not None else self.args
@@ -115,7 +139,8 @@ class TeacherEnsembleMixin:
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
         if not self.teacher_options.teacher_cache:
             return
-        self.temperature_schedule()  # refuses annealing before the cache is opened
+        self.temperature_schedule()  # refuse annealing and smoothing before the cache is opened
+        self.teacher_smoothing()
         if not hasattr(self, "_teacher_caches"):
             self._teacher_caches = {}
             self._teacher_fingerprint = teacher_fingerprint(split_paths(self.teacher_options.ensemble_paths))
@@ -143,6 +168,7 @@ class TeacherEnsembleMixin:
         options = self.teacher_options
         if getattr(criterion, "needs_ensemble", False):
             self.temperature_schedule()  # refuses bad annealing options before any teacher is loaded
+            self.teacher_smoothing()
             if options.temper_student and not getattr(criterion, "reads_student_temperature", False):
                 raise AnnealingError(f"--temper-student: criterion '{cfg._name}' does not temper the student's logits")
         if getattr(criterion, "needs_ensemble", False) and self.teachers is None and not options.teacher_cache:
@@ -172,10 +198,11 @@ class TeacherEnsembleMixin:
             else:
                 sample[STATS_KEY] = stats
         elif self.teachers is not None:
+            smoothing = self.teacher_smoothing()
             if log_predictive:
-                sample[TEACHER_LOG_PROBS_KEY] = self.teachers.log_predictive(sample, mask, temperature)
+                sample[TEACHER_LOG_PROBS_KEY] = self.teachers.log_predictive(sample, mask, temperature, smoothing)
             else:
-                sample[STATS_KEY] = self.teachers.statistics(sample, mask, temperature)
+                sample[STATS_KEY] = self.teachers.statistics(sample, mask, temperature, smoothing)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False, **kwargs):
         schedule = self.temperature_schedule()

@@ -19,7 +19,7 @@ from fairseq.models import build_model
 from omegaconf import OmegaConf
 
 from fairseq_pdd.teachers.checkpoints import load_checkpoint
-from fairseq_pdd.distill.ensemble_stats import EnsembleAccumulator, EnsembleStatistics
+from fairseq_pdd.distill.ensemble_stats import EnsembleAccumulator, EnsembleStatistics, smooth_log_probs_
 
 logger = logging.getLogger(__name__)
 
@@ -181,9 +181,10 @@ class TeacherEnsemble:
             ids = ids.tolist()[:20] if ids is not None else "unknown"
             raise TeacherError(f"non-finite teacher outputs from {', '.join(bad)} on sample ids {ids}")
 
-    def _member_log_probs(self, sample: dict, mask: torch.Tensor, temperature: float = 1.0):
+    def _member_log_probs(self, sample: dict, mask: torch.Tensor, temperature: float = 1.0, smoothing: float = 0.0):
         """Each teacher's log-probabilities ``log_softmax(z / temperature)`` (N, K), float32, at the
-        masked positions, one at a time (the temperature divides one member's logits in place).
+        masked positions, one at a time (the temperature divides one member's logits in place), smoothed
+        towards uniform by ``smoothing`` (:func:`~fairseq_pdd.distill.ensemble_stats.smooth_log_probs_`).
 
         When exhausted, raises :class:`TeacherError` if any teacher's log-probabilities are not finite.
         """
@@ -191,7 +192,7 @@ class TeacherEnsemble:
         for logits in self._member_logits(sample, mask):
             if temperature != 1.0:
                 logits.div_(temperature)
-            log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+            log_probs = smooth_log_probs_(torch.log_softmax(logits, dim=-1, dtype=torch.float32), smoothing)
             del logits
             finite.append(torch.isfinite(log_probs).all())
             yield log_probs
@@ -199,15 +200,24 @@ class TeacherEnsemble:
         self._check_finite(finite, sample)
 
     @torch.inference_mode()
-    def statistics(self, sample: dict, mask: torch.Tensor, temperature: float = 1.0) -> EnsembleStatistics:
+    def statistics(
+        self, sample: dict, mask: torch.Tensor, temperature: float = 1.0, smoothing: float = 0.0
+    ) -> EnsembleStatistics:
         """Streamed statistics over the positions where ``mask`` (B, T) is True, in row-major order, of the
-        members' distributions at ``temperature`` (``softmax(z_m / T)``).
+        members' distributions at ``temperature`` (``softmax(z_m / T)``), each smoothed towards uniform by
+        ``smoothing`` (``(1 - eps) p_m + eps / K``).
 
-        Each teacher's logits go to :meth:`EnsembleAccumulator.add_logits` as the model produced them (the
-        Triton path applies the temperature and the log-softmax inside its accumulation kernel). Raises
+        Unsmoothed, each teacher's logits go to :meth:`EnsembleAccumulator.add_logits` as the model produced
+        them (the Triton path applies the temperature and the log-softmax inside its accumulation kernel);
+        smoothed, its log-probabilities are smoothed first (:meth:`_member_log_probs`). Raises
         :class:`TeacherError` if any teacher's log-probabilities are not finite.
         """
         acc = EnsembleAccumulator()
+        if smoothing:
+            for log_probs in self._member_log_probs(sample, mask, temperature, smoothing):
+                acc.add(log_probs, return_probs=False)
+                del log_probs
+            return acc.finalize()
         finite = []
         for logits in self._member_logits(sample, mask):
             finite.append(acc.add_logits(logits, temperature).all())
@@ -216,15 +226,17 @@ class TeacherEnsemble:
         return acc.finalize()
 
     @torch.inference_mode()
-    def log_predictive(self, sample: dict, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    def log_predictive(
+        self, sample: dict, mask: torch.Tensor, temperature: float = 1.0, smoothing: float = 0.0
+    ) -> torch.Tensor:
         """``log pbar`` (N, K), float32: the log of the teachers' mean distribution at the masked positions
-        (of the members' distributions at ``temperature``).
+        (of the members' distributions at ``temperature``, smoothed by ``smoothing``).
 
         One (N, K) buffer whatever M (``log pbar = logsumexp_m log p_m - log M``, accumulated in
         place); for one teacher it is its log-softmax.
         """
         total = None
-        for log_probs in self._member_log_probs(sample, mask, temperature):
+        for log_probs in self._member_log_probs(sample, mask, temperature, smoothing):
             total = log_probs if total is None else torch.logaddexp(total, log_probs, out=total)
             del log_probs
         if len(self.models) > 1:
