@@ -17,6 +17,7 @@ teachers. Everything finished is skipped on a re-run; results go to ``WORK/resul
 """
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -32,6 +33,8 @@ TEST_SENTENCES = 100
 CRITERIA = ("rkl_dirichlet_proxy_distillation", "forward_kl_mean_distillation")
 #: decode subset -> name in the report (fairseq-preprocess names the extra test sets test1, test2)
 SUBSETS = {"test": "test", "test1": "unseen", "test2": "perm"}
+#: per-run numbers summarised over seeds and thread counts (besides the ROC-AUCs)
+SUMMARISED = ("bleu", "length_ratio", "length_vs_ensemble", "p_eos_ref", "k_over_a0_ref")
 DECODE = ["--beam", "5", "--nbest", "5", "--batch-size", "64", "--required-batch-size-multiple", "1",
           "--cpu", "--quiet", "--scoring", "sacrebleu", "--uncertainty-reference"]
 
@@ -142,16 +145,38 @@ def summary(system, measure):
     return row
 
 
-def length_ratio(out_dir):
-    """Total top-hypothesis length over total reference length on the in-domain test set."""
+def decode_lengths(out_dir):
+    """On the in-domain test set: total top-hypothesis and reference length (tokens, EOS excluded), and the
+    mean probability the system gives EOS at the end of the teacher-forced reference (``exp(-nll)`` at the
+    last position of the rank -1 records, which ``--uncertainty-reference`` writes) and, for a Dirichlet
+    student, the mean of ``(K - 1) / a0`` over the reference tokens (about the mass ``K * offset / a0`` that
+    the model offset spreads over all classes of the mean ``alpha / a0``)."""
     hyp = ref = 0
+    eos, spread = [], []
     with open(os.path.join(out_dir, "test.jsonl")) as f:
         for line in f:
             record = json.loads(line)
             if record.get("rank") == 0:
                 hyp += len(record["tokens"])
                 ref += len(record["reference_tokens"])
-    return hyp / ref
+            elif record.get("rank") == -1:
+                eos.append(math.exp(-record["token"]["nll"][-1]))
+                if record["model"] == "dirichlet":  # its token epkl is (K - 1) / a0
+                    spread += record["token"]["epkl"]
+    mean = lambda values: statistics.fmean(values) if values else float("nan")  # noqa: E731
+    return {"hyp_tokens": hyp, "length_ratio": hyp / ref, "p_eos_ref": mean(eos), "k_over_a0_ref": mean(spread)}
+
+
+def valid_nll(save_dir):
+    """Validation NLL of the references (bits per token) of every epoch, from the training log (fairseq's
+    simple format): ``nll_loss``, or ``loss`` for cross-entropy runs (which log no ``nll_loss``)."""
+    values = []
+    with open(os.path.join(save_dir, "train.log")) as f:
+        for line in f:
+            if "valid on 'valid' subset" in line:
+                match = re.search(r"\| nll_loss ([0-9.eE+-]+)", line) or re.search(r"\| loss ([0-9.eE+-]+)", line)
+                values.append(float(match.group(1)))
+    return values
 
 
 def stats(values):
@@ -204,8 +229,14 @@ def main(argv=None):
             log(f"decode {name}")
             out = os.path.join(decode_dir(args.work_dir, args), name)
             row = summary(decode_and_evaluate(name, path, out, args.threads[0], args.nice, args), args.measure)
-            row["length_ratio"] = length_ratio(out)
+            row.update(decode_lengths(out))
+            if name != "ensemble":
+                row["valid_nll"] = valid_nll(os.path.dirname(path))
             results["reference"][name] = row
+        teacher_rows = [results["reference"][f"teacher{m}"] for m in range(1, args.teachers + 1)]
+        results["reference"]["teachers_mean"] = {k: statistics.fmean(r[k] for r in teacher_rows)
+                                                 for k in teacher_rows[0] if k != "valid_nll"}
+    ensemble_tokens = results["reference"].get("ensemble", {}).get("hyp_tokens")
     for criterion in args.criteria:
         rows = []
         for seed in args.seeds:
@@ -218,11 +249,14 @@ def main(argv=None):
                                    threads, args.nice, args.student_epochs, seed, args)
                 out = decode_dir(save, args)
                 row = summary(decode_and_evaluate("student", checkpoint, out, threads, args.nice, args), args.measure)
-                row.update(seed=seed, threads=threads, criterion=criterion, length_ratio=length_ratio(out))
+                row.update(seed=seed, threads=threads, criterion=criterion, **decode_lengths(out))
+                if ensemble_tokens:
+                    row["length_vs_ensemble"] = row["hyp_tokens"] / ensemble_tokens
+                row["valid_nll"] = valid_nll(save)
                 rows.append(row)
                 log(f"  {json.dumps(row)}")
         results["runs"] += rows
-        keys = [k for k in rows[0] if k == "bleu" or k.startswith("auc_") or k == "length_ratio"]
+        keys = [k for k in rows[0] if (k in SUMMARISED or k.startswith("auc_")) and not math.isnan(rows[0][k])]
         results["summary"][criterion] = {k: stats([r[k] for r in rows]) for k in keys}
     out_file = os.path.join(args.work_dir, f"results_{args.variant}{os.path.basename(decode_dir('', args))[len('decodes'):]}.json")
     with open(out_file, "w") as f:
@@ -233,11 +267,14 @@ def main(argv=None):
 
 def print_table(results):
     for name, row in results["reference"].items():
-        print(f"{name:36s} BLEU {row['bleu']:6.2f}  len {row['length_ratio']:.3f}  "
+        print(f"{name:36s} BLEU {row['bleu']:6.2f}  len {row['length_ratio']:.3f}  P(EOS) {row['p_eos_ref']:.3f}  "
               + "  ".join(f"{k} {v:.3f}" for k, v in row.items() if k.startswith("auc_")))
     for criterion, s in results["summary"].items():
+        vs_ensemble = f"  vs ens {s['length_vs_ensemble']['mean']:.3f}" if "length_vs_ensemble" in s else ""
         print(f"{results['config']['variant'] + ' ' + criterion:36s} BLEU {s['bleu']['mean']:6.2f} +- {s['bleu']['std']:5.2f}"
-              f" [{s['bleu']['min']:.2f}, {s['bleu']['max']:.2f}]  len {s['length_ratio']['mean']:.3f}  "
+              f" [{s['bleu']['min']:.2f}, {s['bleu']['max']:.2f}]  len {s['length_ratio']['mean']:.3f}{vs_ensemble}"
+              f"  P(EOS) {s['p_eos_ref']['mean']:.3f}"
+              + (f"  (K-1)/a0 {s['k_over_a0_ref']['mean']:.4f}  " if "k_over_a0_ref" in s else "  ")
               + "  ".join(f"{k} {v['mean']:.3f} (min {v['min']:.3f})" for k, v in s.items() if k.startswith("auc_")))
 
 
