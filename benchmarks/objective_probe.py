@@ -26,7 +26,7 @@ import fairseq_pdd
 from fairseq import tasks
 from fairseq_pdd.distill import losses
 from fairseq_pdd.distill.dirichlet import proxy_precision
-from fairseq_pdd.distill.ensemble_stats import EnsembleAccumulator, smooth_log_probs_
+from fairseq_pdd.distill.ensemble_stats import EnsembleAccumulator
 from fairseq_pdd.teachers.checkpoints import load_checkpoint
 from fairseq_pdd.teachers.ensemble import load_teacher
 
@@ -53,7 +53,7 @@ def collect(task, teachers, students, subset, smoothing):
         mask = sample["target"].ne(task.target_dictionary.pad())
         acc = EnsembleAccumulator()
         for model in teachers:
-            acc.add(smooth_log_probs_(torch.log_softmax(model(**sample["net_input"])[0][mask].float(), -1), smoothing))
+            acc.add_logits(model(**sample["net_input"])[0][mask], smoothing=smoothing)
         s = acc.finalize()
         stats.append((s.mean_probs.clone(), s.mean_log_probs.clone(), s.mkl, s.epkl))
         for out, model in zip(logits, students):

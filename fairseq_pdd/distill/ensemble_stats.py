@@ -178,20 +178,21 @@ class EnsembleAccumulator:
             return self._add_triton(log_probs, return_probs, weight)
         return self._add_torch(log_probs.to(compute_dtype(log_probs.dtype)), return_probs, weight)
 
-    def add_logits(self, logits: torch.Tensor, temperature: float = 1.0, weight: Optional[torch.Tensor] = None
-                   ) -> torch.Tensor:
+    def add_logits(self, logits: torch.Tensor, temperature: float = 1.0, weight: Optional[torch.Tensor] = None,
+                   smoothing: float = 0.0) -> torch.Tensor:
         """Add one member given by its raw logits ``z`` (N, K) (float32 / float16 / bfloat16 as the model
         produced them, or float64), i.e. the log-probabilities ``log_softmax(z / temperature)``, computed in
-        float32 (float64 for float64 logits). ``weight`` as in :meth:`add`.
+        float32 (float64 for float64 logits), smoothed towards uniform by ``smoothing``
+        (:func:`smooth_log_probs_`; 0: not smoothed). ``weight`` as in :meth:`add`.
 
         Returns (N,) bool: whether the row's log-probabilities are all finite (False where ``z`` has a NaN or
-        an inf, or ``z / T`` overflows). The Triton path computes the row's logsumexp and the member's terms
-        in one kernel from the logits (no (N, K) log-probabilities are written); the torch path writes them
-        into a kept buffer and adds them as :meth:`add` does.
+        an inf, or ``z / T`` overflows). Unsmoothed, the Triton path computes the row's logsumexp and the
+        member's terms in one kernel from the logits (no (N, K) log-probabilities are written); the torch
+        path (and any smoothed member) writes them into a kept buffer and adds them as :meth:`add` does.
         """
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        self._admit(logits, weight, "logits")
+        self._admit(logits, weight, "logits", allow_triton=not smoothing)
         if self._triton:
             return self._add_triton(logits, False, weight, temperature)
         log_probs = self._workspace.like("log_probs", logits, compute_dtype(logits.dtype))
@@ -200,16 +201,19 @@ class EnsembleAccumulator:
             torch.log_softmax(log_probs, -1, out=log_probs)
         else:
             torch.log_softmax(logits, -1, dtype=log_probs.dtype, out=log_probs)
+        smooth_log_probs_(log_probs, smoothing)
         finite = torch.isfinite(log_probs).all(-1)
         self._add_torch(log_probs, False, weight)
         return finite
 
-    def _admit(self, member: torch.Tensor, weight: Optional[torch.Tensor], what: str) -> None:
-        """Check a member (N, K) and its weight against the first; the first member chooses the backend."""
+    def _admit(self, member: torch.Tensor, weight: Optional[torch.Tensor], what: str, allow_triton: bool = True
+               ) -> None:
+        """Check a member (N, K) and its weight against the first; the first member chooses the backend
+        (the torch path where ``allow_triton`` is False)."""
         if self._finalized:
             raise RuntimeError("EnsembleAccumulator.add() after finalize(); start a new accumulator")
         if self._count == 0:
-            self._triton = backend.use_triton(member)
+            self._triton = allow_triton and backend.use_triton(member)
         elif member.shape != self._sum_probs.shape:
             raise ValueError(
                 f"ensemble member {self._count} gives {what} of shape "

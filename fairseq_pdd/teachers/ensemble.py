@@ -207,20 +207,14 @@ class TeacherEnsemble:
         members' distributions at ``temperature`` (``softmax(z_m / T)``), each smoothed towards uniform by
         ``smoothing`` (``(1 - eps) p_m + eps / K``).
 
-        Unsmoothed, each teacher's logits go to :meth:`EnsembleAccumulator.add_logits` as the model produced
-        them (the Triton path applies the temperature and the log-softmax inside its accumulation kernel);
-        smoothed, its log-probabilities are smoothed first (:meth:`_member_log_probs`). Raises
+        Each teacher's logits go to :meth:`EnsembleAccumulator.add_logits` as the model produced them (the
+        Triton path applies the temperature and the log-softmax inside its accumulation kernel). Raises
         :class:`TeacherError` if any teacher's log-probabilities are not finite.
         """
         acc = EnsembleAccumulator()
-        if smoothing:
-            for log_probs in self._member_log_probs(sample, mask, temperature, smoothing):
-                acc.add(log_probs, return_probs=False)
-                del log_probs
-            return acc.finalize()
         finite = []
         for logits in self._member_logits(sample, mask):
-            finite.append(acc.add_logits(logits, temperature).all())
+            finite.append(acc.add_logits(logits, temperature, smoothing=smoothing).all())
             del logits  # free this member's outputs before the next runs
         self._check_finite(finite, sample)
         return acc.finalize()
