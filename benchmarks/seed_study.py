@@ -11,7 +11,9 @@ Reported per (variant, criterion) over all seeds and thread counts: BLEU mean +-
 std), min and max, and the ROC-AUC of the sequence-level mutual information for each shifted set
 (mean, min). A variant is a label plus extra ``fairseq-train`` options for the students (e.g.
 ``--variant offset0 --student-args "--model-offset 0"``), so settings can be compared on the same
-teachers. Everything finished is skipped on a re-run; results go to ``WORK/results.json``.
+teachers. Everything finished is skipped on a re-run; results go to ``WORK/results_<variant>.json``
+(``_test<N>`` appended for another test size), which keeps the runs of earlier calls of the variant
+(other seeds, thread counts or criteria) and summarises over all of them.
 
     python benchmarks/seed_study.py --work-dir runs/seed_study --seeds 1 2 3 4 5 --threads 1 2
 """
@@ -238,7 +240,6 @@ def main(argv=None):
                                                  for k in teacher_rows[0] if k != "valid_nll"}
     ensemble_tokens = results["reference"].get("ensemble", {}).get("hyp_tokens")
     for criterion in args.criteria:
-        rows = []
         for seed in args.seeds:
             for threads in args.threads:
                 label = f"{args.variant}/{criterion}/seed{seed}_threads{threads}"
@@ -253,16 +254,34 @@ def main(argv=None):
                 if ensemble_tokens:
                     row["length_vs_ensemble"] = row["hyp_tokens"] / ensemble_tokens
                 row["valid_nll"] = valid_nll(save)
-                rows.append(row)
+                results["runs"].append(row)
                 log(f"  {json.dumps(row)}")
-        results["runs"] += rows
-        keys = [k for k in rows[0] if (k in SUMMARISED or k.startswith("auc_")) and not math.isnan(rows[0][k])]
-        results["summary"][criterion] = {k: stats([r[k] for r in rows]) for k in keys}
     out_file = os.path.join(args.work_dir, f"results_{args.variant}{os.path.basename(decode_dir('', args))[len('decodes'):]}.json")
+    merge_earlier_calls(results, out_file)
     with open(out_file, "w") as f:
         json.dump(results, f, indent=1)
     print_table(results)
     log(f"results: {out_file}")
+
+
+def run_key(row):
+    return row["criterion"], row["seed"], row["threads"]
+
+
+def merge_earlier_calls(results, out_file):
+    """Keep the runs of ``out_file`` (earlier calls of the same variant and test size: other seeds, thread
+    counts or criteria) that this call did not redo, and its reference rows if this call decoded none;
+    then summarise every criterion over all its runs."""
+    if os.path.exists(out_file):
+        with open(out_file) as f:
+            earlier = json.load(f)
+        redone = {run_key(row) for row in results["runs"]}
+        results["runs"] = [row for row in earlier["runs"] if run_key(row) not in redone] + results["runs"]
+        results["reference"] = results["reference"] or earlier["reference"]
+    for criterion in dict.fromkeys(row["criterion"] for row in results["runs"]):
+        rows = [row for row in results["runs"] if row["criterion"] == criterion]
+        keys = [k for k in rows[0] if (k in SUMMARISED or k.startswith("auc_")) and not math.isnan(rows[0][k])]
+        results["summary"][criterion] = {k: stats([r[k] for r in rows]) for k in keys}
 
 
 def print_table(results):
