@@ -71,9 +71,6 @@ PRESETS = {
     "small": dict(vocab=8000, batch=16, tgt_len=24, embed_dim=128, ffn_dim=512, heads=4, layers=2),
     "big": dict(vocab=40000, batch=64, tgt_len=32, embed_dim=1024, ffn_dim=4096, heads=16, layers=6),
 }
-#: Offsets of the criteria's defaults (ProxyDistillationConfig), used by the materialized form too.
-MODEL_OFFSET = 1.0
-TARGET_OFFSET = 1.0
 MiB = 2.0**20
 
 
@@ -195,8 +192,12 @@ def make_fused_step(name: str, task):
 
 
 def materialized_rkl_step(student, teachers, sample, pad: int) -> torch.Tensor:
-    """Authors' style PD-EnD2: B x T x M x V float64 ensemble tensor, loss by float64 autograd."""
+    """Authors' style PD-EnD2: B x T x M x V float64 ensemble tensor, loss by float64 autograd, with the offsets
+    of the registered criterion's defaults."""
+    from fairseq_pdd.criterions.distillation import ReverseKLProxyConfig
     from fairseq_pdd.distill.dirichlet import EPS_LOSS, concentrations
+
+    defaults = ReverseKLProxyConfig()
 
     net_input = sample["net_input"]
     mask = sample["target"].ne(pad)
@@ -206,9 +207,9 @@ def materialized_rkl_step(student, teachers, sample, pad: int) -> torch.Tensor:
         mkl = (mean_probs * (mean_probs.log() - probs.log().mean(2))).sum(-1)
         del probs
         k = mean_probs.shape[-1]
-        scale = (k - 1) / (2 * mkl + EPS_LOSS) + k * TARGET_OFFSET
+        scale = (k - 1) / (2 * mkl + EPS_LOSS) + k * defaults.target_offset
         beta = scale.unsqueeze(-1) * mean_probs + 1.0
-    alpha = concentrations(student(**net_input)[0].double(), "exp", MODEL_OFFSET)
+    alpha = concentrations(student(**net_input)[0].double(), "exp", defaults.model_offset)
     a0, b0 = alpha.sum(-1), beta.sum(-1)
     kl = (
         torch.lgamma(a0)

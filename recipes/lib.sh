@@ -119,7 +119,9 @@ ensemble_paths() {
 # --- shared by the paper-scale recipes (wmt17_en_de, librispeech) ----------------------------------
 # Defaults of the students' criteria, the same in every recipe (a config.sh may set them first).
 : "${CRITERIA:=rkl_dirichlet_proxy_distillation forward_kl_mean_distillation}"
-: "${TARGET_CONCENTRATION:=mkl}" "${MODEL_OFFSET:=1}" "${TARGET_OFFSET:=1}"
+# MODEL_OFFSET: the Dirichlet offset of EnD2 and the forward KL to the proxy; PD_MODEL_OFFSET that of PD-EnD2
+# (0, the criterion's default: with 1 its students wrote repetition loops at K = 3352, docs/errors.md).
+: "${TARGET_CONCENTRATION:=mkl}" "${MODEL_OFFSET:=1}" "${PD_MODEL_OFFSET:=0}" "${TARGET_OFFSET:=1}"
 # EnD2's NLL and the forward KL to the proxy collapse to a flat Dirichlet when trained from scratch
 # as they are: the criteria of FINETUNE_FROM_KD start from the KD student (listed before them in
 # CRITERIA); those of ANNEAL_CRITERIA train with the temperature of the teachers and the student
@@ -170,7 +172,7 @@ update_size() {
 # model_args (MODEL_ARGS), extra (EXTRA), gen_extra (GEN_EXTRA), seeds (SEEDS, one per teacher, M of
 # them); with FP16=1 teacher_device_args (--fp16), student_device_args (also the teachers in fp16),
 # memory_efficient_fp16 (for the optimisers that support it, e.g. adam, not adadelta) and gen_args
-# (--fp16); gen_args always has what every decoding needs.
+# (--fp16); gen_args always has what every decoding needs, and the length cap MAX_LEN_A / MAX_LEN_B.
 recipe_arrays() {
   # shellcheck disable=SC2206
   model_args=($MODEL_ARGS) extra=($EXTRA) gen_extra=($GEN_EXTRA)
@@ -187,6 +189,13 @@ recipe_arrays() {
     gen_args=(--fp16)
   fi
   [ "$DEVICE" != cpu ] || gen_args+=(--cpu)
+  # Length cap: at most MAX_LEN_A x source length + MAX_LEN_B tokens (fairseq-generate's --max-len-a /
+  # --max-len-b; unset or empty: fairseq's own, 200 tokens; the MT recipes set 1.2 and 10). A model
+  # caught in a repetition loop otherwise writes 200 tokens: on a toy task with K = 3352, 15 looping
+  # sentences of 1000 made the PD-EnD2 student's output 1.15x the ensemble's and cost it 9.7 BLEU
+  # (docs/errors.md, "The PD-EnD2 student's gap on real data").
+  [ -z "${MAX_LEN_A:-}" ] || gen_args+=(--max-len-a "$MAX_LEN_A")
+  [ -z "${MAX_LEN_B:-}" ] || gen_args+=(--max-len-b "$MAX_LEN_B")
   # fairseq's batching drops the last batch of a split when its size is not a multiple of
   # --required-batch-size-multiple (default 8; fairseq issue #5036): decoding must see every sentence
   gen_args+=(--required-batch-size-multiple 1)
@@ -246,10 +255,11 @@ criterion_options() {
       crit+=(--model-offset "$MODEL_OFFSET")
       [ "$DIVIDE_BY_PRECISION" != 1 ] || crit+=(--divide-by-precision)
       [ -z "$TEACHER_SMOOTHING" ] || crit+=(--teacher-smoothing "$TEACHER_SMOOTHING") ;;
-    dirichlet_proxy_distillation | rkl_dirichlet_proxy_distillation)
+    rkl_dirichlet_proxy_distillation)
+      crit+=(--target-concentration "$TARGET_CONCENTRATION" --model-offset "$PD_MODEL_OFFSET" --target-offset "$TARGET_OFFSET") ;;
+    dirichlet_proxy_distillation)
       crit+=(--target-concentration "$TARGET_CONCENTRATION" --model-offset "$MODEL_OFFSET" --target-offset "$TARGET_OFFSET")
-      [ "$1" = rkl_dirichlet_proxy_distillation ] || [ -z "$MAX_TARGET_PRECISION" ] ||
-        crit+=(--max-target-precision "$MAX_TARGET_PRECISION") ;;
+      [ -z "$MAX_TARGET_PRECISION" ] || crit+=(--max-target-precision "$MAX_TARGET_PRECISION") ;;
     *) echo "error: unknown criterion '$1' in CRITERIA" >&2; exit 1 ;;
   esac
 }

@@ -62,8 +62,10 @@ def students(toy_mt) -> Students:
     tensorboard = os.path.join(toy_mt.root, "student_pd_tensorboard")
     with ThreadPoolExecutor(max_workers=2) as pool:
         kd = pool.submit(distil, toy_mt, "forward_kl_mean_distillation", "student_kd", STUDENT_EPOCHS)
+        # offset 1 (not the criterion's default 0): its Dirichlet mean then differs from softmax(z), which the
+        # decoding tests need to tell which one fairseq-pdd-generate ranks by
         pd = pool.submit(distil, toy_mt, "rkl_dirichlet_proxy_distillation", "student_pd", STUDENT_EPOCHS,
-                         ["--tensorboard-logdir", tensorboard])
+                         ["--tensorboard-logdir", tensorboard, "--model-offset", "1"])
         return Students(kd.result(), pd.result(), tensorboard)
 
 

@@ -147,7 +147,7 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
                        "--max-epoch 80", "--clip-norm 1.0 --weight-decay 1e-8", "--seed 0", "--fp16-ensemble"):
             assert option in t, (option, t)
     assert "--optimizer adam --lr 1e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000 --memory-efficient-fp16" in pd
-    assert "--criterion rkl_dirichlet_proxy_distillation --target-concentration mkl --model-offset 1 " \
+    assert "--criterion rkl_dirichlet_proxy_distillation --target-concentration mkl --model-offset 0 " \
            "--target-offset 1" in pd
     assert "--optimizer adadelta --lr 0.1 " in kd and "--criterion forward_kl_mean_distillation" in kd
     assert "--memory-efficient-fp16" not in kd  # fairseq's adadelta does not support it

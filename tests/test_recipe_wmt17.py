@@ -55,7 +55,7 @@ def run_the_recipe(root):
         TEACHER_MAX_TOKENS="600", TEACHER_TOKENS_PER_UPDATE="600", TEACHER_MAX_UPDATE="30",  # update freq 1
         MAX_TOKENS="600", UPDATE_FREQ="1", MAX_UPDATE="10",
         EXTRA="--num-workers 0 --no-progress-bar --log-interval 20 --no-epoch-checkpoints",
-        CRITERIA=CRITERION, GEN_MAX_TOKENS="4000", GEN_EXTRA="--max-len-a 1.2 --max-len-b 4",
+        CRITERIA=CRITERION, GEN_MAX_TOKENS="4000", MAX_LEN_B="4",
     )
     log = run_recipe("wmt17_en_de", str(root), env)
     return root, root / "work", env, log
@@ -174,7 +174,7 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
                        "teacher1/checkpoint_best.pt:work/teachers/teacher2/checkpoint_best.pt:work/teachers/"
                        "teacher3/checkpoint_best.pt", "--valid-subset valid\\,test\\,valid_ens_pred"):
             assert option in t, (option, t)
-    assert "--criterion rkl_dirichlet_proxy_distillation --target-concentration mkl --model-offset 1 " \
+    assert "--criterion rkl_dirichlet_proxy_distillation --target-concentration mkl --model-offset 0 " \
            "--target-offset 1" in students[0]
     assert "--criterion label_smoothed_cross_entropy --label-smoothing 0.1" in trains[0]
     for t in trains[:3]:  # teachers: the same 8192 x 4 = 32768 tokens per GPU and update
@@ -189,6 +189,7 @@ def test_dry_run_prints_the_paper_commands_and_creates_nothing(tmp_path):
     assert "--testpref work/text/spm/test\\,work/text/spm/perm\\,work/text/spm/dede\\,work/text/spm/fr" in text
     assert "--ood perm=uncertainty-perm.jsonl --ood dede=uncertainty-dede.jsonl --ood fr=uncertainty-fr.jsonl" in text
     assert all("--required-batch-size-multiple 1" in d and "--distributed-world-size" in d for d in decodes)
+    assert all("--max-len-a 1.2 --max-len-b 10" in d for d in decodes)  # no 200-token repetition loops
     assert "fairseq-pdd-generate" in text and "--bpe sentencepiece" in text and "--scoring sacrebleu" in text
     assert "--gen-subset perm" in text and "--gen-subset dede" in text and "fairseq-pdd-evaluate" in text
     assert "--in-domain uncertainty-test_ens_pred.jsonl" in text

@@ -198,11 +198,24 @@ def test_divide_by_precision_weights_each_token_by_one_over_a0(members, name):
     """--divide-by-precision: loss sum_t L_t / a0_t and gradient dL_t/dz / a0_t, a0 = sum_k (exp(z_k) + 1) detached
     (oracle: the plain criterion's per-token gradient, rows scaled by 1 / a0 computed here)."""
     z = torch.randn(2, 5, V, generator=torch.Generator().manual_seed(5)) * 2
-    plain_loss, plain_grad, _, _ = _criterion_loss_and_grad(name, members, z)
-    loss, grad, _, _ = _criterion_loss_and_grad(name, members, z, divide_by_precision=True)
-    a0 = (z.double().exp() + 1.0).sum(-1)  # model_offset 1 (default)
+    plain_loss, plain_grad, _, _ = _criterion_loss_and_grad(name, members, z, model_offset=1.0)
+    loss, grad, _, _ = _criterion_loss_and_grad(name, members, z, model_offset=1.0, divide_by_precision=True)
+    a0 = (z.double().exp() + 1.0).sum(-1)
     torch.testing.assert_close(grad.double(), plain_grad.double() / a0.unsqueeze(-1), rtol=1e-5, atol=1e-9)
     assert loss.abs() < plain_loss.abs()
+
+
+@pytest.mark.parametrize("name, offset", [("sequence_distribution_distillation", 1.0),
+                                          ("dirichlet_proxy_distillation", 1.0),
+                                          ("rkl_dirichlet_proxy_distillation", 0.0)])
+def test_default_model_offsets(name, offset):
+    """PD-EnD2's Dirichlet offset defaults to 0 (with 1 its students loop at K = 3352, docs/errors.md); EnD2 and the
+    forward KL to the proxy keep 1 (with 0 the flat Dirichlet is their optimum, docs/criteria.md)."""
+    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
+
+    import fairseq_pdd  # noqa: F401  (registers the criteria)
+
+    assert CRITERION_DATACLASS_REGISTRY[name]().model_offset == offset
 
 
 @pytest.mark.parametrize("name", ["dirichlet_proxy_distillation", "rkl_dirichlet_proxy_distillation"])
@@ -221,6 +234,6 @@ def test_max_target_precision_is_the_loss_of_the_capped_proxy(members, name):
     if name == "dirichlet_proxy_distillation":
         expected = losses.fkl_proxy_loss(z[MASK], stats.mean_probs, beta0, 1.0, "exp", 1.0)[0].sum()
     else:
-        expected = losses.rkl_proxy_loss(z[MASK], stats.mean_probs, beta0 + V, "exp", 1.0)[0].sum()
+        expected = losses.rkl_proxy_loss(z[MASK], stats.mean_probs, beta0 + V, "exp", 0.0)[0].sum()  # its offset 0
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(logging_output["ensemble_precision"], beta0.sum())

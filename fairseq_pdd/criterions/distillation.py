@@ -85,6 +85,15 @@ class ProxyDistillationConfig(DirichletDistillationConfig):
     )
 
 
+@dataclass
+class ReverseKLProxyConfig(ProxyDistillationConfig):
+    model_offset: float = field(
+        default=0.0,
+        metadata={"help": "added to f(z) to give the Dirichlet parameters; 0 (the authors' code default) for "
+                  "PD-EnD2: with 1 the students wrote repetition loops at K = 3352 (docs/errors.md)"},
+    )
+
+
 class _DistillationCriterion(FairseqCriterion):
     """Common forward pass and logging; subclasses give ``token_loss`` and the predictive."""
 
@@ -214,7 +223,7 @@ class _DirichletCriterion(_DistillationCriterion):
         return alpha.log()
 
 
-@register_criterion("rkl_dirichlet_proxy_distillation", dataclass=ProxyDistillationConfig)
+@register_criterion("rkl_dirichlet_proxy_distillation", dataclass=ReverseKLProxyConfig)
 class ReverseKLProxyDistillation(_DirichletCriterion):
     """PD-EnD2: ``KL(Dir(alpha) || Dir(B pbar + 1)) / B``, ``B = beta0 + K * target_offset``."""
 

@@ -58,7 +58,7 @@ source "$RECIPE_DIR/../lib.sh"
 : "${MAX_TOKENS:=8000}" "${TOKENS_PER_UPDATE:=8000}" "${MAX_EPOCH:=80}" "${SEED:=0}"
 : "${KEEP_LAST_EPOCHS:=10}"   # epoch checkpoints kept, teachers and students (~3-4 GB each for vggtransformer_2)
 : "${ADADELTA_CRITERIA:=forward_kl_mean_distillation}" "${KD_LR:=0.1}"
-# CRITERIA, TARGET_CONCENTRATION, MODEL_OFFSET, TARGET_OFFSET, ANNEAL_CRITERIA, INIT_TEMP, ANNEAL_START,
+# CRITERIA, TARGET_CONCENTRATION, PD_MODEL_OFFSET, MODEL_OFFSET, TARGET_OFFSET, ANNEAL_CRITERIA, INIT_TEMP, ANNEAL_START,
 # ANNEAL_END, FINETUNE_FROM_KD: defaults in ../lib.sh
 
 # --- decoding --------------------------------------------------------------------------------------

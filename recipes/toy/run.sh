@@ -63,7 +63,8 @@ else
     --encoder-attention-heads 4 --decoder-attention-heads 4 --share-decoder-input-output-embed --dropout 0.1)
   OPTIM=("${COMMON_OPTIM[@]}" --max-tokens 500)
   TEACHER_TASK=(); STUDENT_TASK=(--task distillation)
-  DECODE+=(--scoring sacrebleu); METRIC=BLEU; EVAL_TASK=mt
+  # hypotheses of at most MAX_LEN_A x source + MAX_LEN_B words, as in the WMT17 recipe (../lib.sh)
+  DECODE+=(--scoring sacrebleu --max-len-a "${MAX_LEN_A:-1.2}" --max-len-b "${MAX_LEN_B:-10}"); METRIC=BLEU; EVAL_TASK=mt
   SETS=(test:test unseen:test1 perm:test2); OOD_ARGS=(--ood unseen=unseen.jsonl --ood perm=perm.jsonl)
 fi
 RAW="$WORK/raw"; BIN="$WORK/bin"; LOG="$WORK/logs"; DEC="$WORK/decodes"; STUDENTS_DIR="$WORK/students"

@@ -55,11 +55,12 @@ source "$RECIPE_DIR/../lib.sh"
 # students: the paper's hyper-parameters (dropout 0.2, clip 10, 32k tokens per update, 20k updates, seed 0)
 : "${DROPOUT:=0.2}" "${CLIP_NORM:=10.0}" "${MAX_TOKENS:=8192}" "${TOKENS_PER_UPDATE:=32768}" "${MAX_UPDATE:=20000}"
 : "${SEED:=0}" "${KEEP_LAST_EPOCHS:=10}" "${STUDENT_VALID_SUBSETS:=valid,test,valid_ens_pred}"
-# CRITERIA, TARGET_CONCENTRATION, MODEL_OFFSET, TARGET_OFFSET, ANNEAL_CRITERIA, INIT_TEMP, ANNEAL_START,
+# CRITERIA, TARGET_CONCENTRATION, PD_MODEL_OFFSET, MODEL_OFFSET, TARGET_OFFSET, ANNEAL_CRITERIA, INIT_TEMP, ANNEAL_START,
 # ANNEAL_END, FINETUNE_FROM_KD: defaults in ../lib.sh
 
 # --- decoding --------------------------------------------------------------------------------------
 : "${GEN_MAX_TOKENS:=2048}"
+: "${MAX_LEN_A=1.2}" "${MAX_LEN_B=10}"             # hypotheses of at most 1.2 x source + 10 pieces (../lib.sh)
 : "${DISTILL_BEAM:=5}" "${DISTILL_NBEST:=1}"       # the ensemble's translations of the training set
 : "${BEAM:=5}" "${NBEST:=5}"                       # evaluation decoding
 : "${EVAL_NBEST:=1}" "${EVAL_WEIGHTING:=bs}" "${EVAL_PLOTS:=1}" "${EVAL_ENS_PRED:=1}"
