@@ -238,6 +238,9 @@ def main(argv=None):
         teacher_rows = [results["reference"][f"teacher{m}"] for m in range(1, args.teachers + 1)]
         results["reference"]["teachers_mean"] = {k: statistics.fmean(r[k] for r in teacher_rows)
                                                  for k in teacher_rows[0] if k != "valid_nll"}
+    out_file = os.path.join(args.work_dir, f"results_{args.variant}{os.path.basename(decode_dir('', args))[len('decodes'):]}.json")
+    earlier = read_results(out_file)
+    results["reference"] = results["reference"] or earlier["reference"]
     ensemble_tokens = results["reference"].get("ensemble", {}).get("hyp_tokens")
     for criterion in args.criteria:
         for seed in args.seeds:
@@ -256,8 +259,7 @@ def main(argv=None):
                 row["valid_nll"] = valid_nll(save)
                 results["runs"].append(row)
                 log(f"  {json.dumps(row)}")
-    out_file = os.path.join(args.work_dir, f"results_{args.variant}{os.path.basename(decode_dir('', args))[len('decodes'):]}.json")
-    merge_earlier_calls(results, out_file)
+    merge_earlier_calls(results, earlier)
     with open(out_file, "w") as f:
         json.dump(results, f, indent=1)
     print_table(results)
@@ -268,19 +270,24 @@ def run_key(row):
     return row["criterion"], row["seed"], row["threads"]
 
 
-def merge_earlier_calls(results, out_file):
-    """Keep the runs of ``out_file`` (earlier calls of the same variant and test size: other seeds, thread
-    counts or criteria) that this call did not redo, and its reference rows if this call decoded none;
-    then summarise every criterion over all its runs."""
-    if os.path.exists(out_file):
-        with open(out_file) as f:
-            earlier = json.load(f)
-        redone = {run_key(row) for row in results["runs"]}
-        results["runs"] = [row for row in earlier["runs"] if run_key(row) not in redone] + results["runs"]
-        results["reference"] = results["reference"] or earlier["reference"]
+def read_results(out_file):
+    """The results file of earlier calls of this variant and test size (empty if none)."""
+    if not os.path.exists(out_file):
+        return {"reference": {}, "runs": []}
+    with open(out_file) as f:
+        return json.load(f)
+
+
+def merge_earlier_calls(results, earlier):
+    """Keep the runs of ``earlier`` (earlier calls of the same variant and test size: other seeds, thread counts
+    or criteria) that this call did not redo, then summarise every criterion over all its runs (the numbers
+    every run has)."""
+    redone = {run_key(row) for row in results["runs"]}
+    results["runs"] = [row for row in earlier["runs"] if run_key(row) not in redone] + results["runs"]
     for criterion in dict.fromkeys(row["criterion"] for row in results["runs"]):
         rows = [row for row in results["runs"] if row["criterion"] == criterion]
-        keys = [k for k in rows[0] if (k in SUMMARISED or k.startswith("auc_")) and not math.isnan(rows[0][k])]
+        keys = [k for k in rows[0] if (k in SUMMARISED or k.startswith("auc_")) and all(k in r for r in rows)
+                and not any(math.isnan(r[k]) for r in rows)]
         results["summary"][criterion] = {k: stats([r[k] for r in rows]) for k in keys}
 
 
