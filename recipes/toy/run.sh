@@ -10,7 +10,8 @@
 # change the numbers); re-running resumes (finished stages are skipped). Students train for twice the
 # teachers' epochs, with a learning rate decaying to 0: at 12 epochs every student (PD-EnD2, KD and
 # cross-entropy alike) is still in the steep part of its learning curve, where the seed moves BLEU by 10
-# points; at 20 the PD-EnD2 student's BLEU spreads by std 2.7 over 5 seeds, at 40 by 1.4, at 60 by 0.8.
+# points; at 20 the PD-EnD2 student's BLEU spreads by std 2.7 over 5 seeds, at 40 by 1.4 (0.6 with its
+# default offset 0), at 60 by 0.8.
 # The in-domain test set has N_TEST sentences (1000): on 100 a bootstrap of the test set alone moves every
 # system's BLEU by 3-4 points (benchmarks/seed_study.py measures both).
 #   WORK=runs/toy  M=3  TEACHER_EPOCHS=20  STUDENT_EPOCHS=40  N_TEST=1000  SEED=1  bash recipes/toy/run.sh [--asr]
