@@ -131,8 +131,8 @@ ensemble_paths() {
 # proxy precision (--max-target-precision; empty: none), DIVIDE_BY_PRECISION=1, EnD2's loss per token
 # over the student's precision (--divide-by-precision), TEACHER_SMOOTHING, EnD2's teachers smoothed
 # towards uniform (--teacher-smoothing; empty: none). They train both from scratch on the demo task
-# (recipes/toy does so), but both collapse with them on a toy task with K = 3352 (EnD2 from the KD
-# student too, docs/errors.md), so the paper-scale recipes keep the warm start as their default.
+# (recipes/toy does so), but both collapse with them on a toy task with K = 3352, and from the KD
+# student too (docs/errors.md); the paper-scale recipes keep the warm start as their default.
 : "${FINETUNE_FROM_KD=dirichlet_proxy_distillation sequence_distribution_distillation}"  # empty: no warm start
 : "${ANNEAL_CRITERIA=}" "${INIT_TEMP:=10}" "${ANNEAL_START:=0}" "${ANNEAL_END:=4000}"
 : "${MAX_TARGET_PRECISION=}" "${DIVIDE_BY_PRECISION=0}" "${TEACHER_SMOOTHING=}"
