@@ -29,6 +29,7 @@ from fairseq_pdd.distill.dirichlet import proxy_precision
 from fairseq_pdd.distill.ensemble_stats import EnsembleAccumulator
 from fairseq_pdd.teachers.checkpoints import load_checkpoint
 from fairseq_pdd.teachers.ensemble import load_teacher
+from student_diagnostics import batches
 
 #: common precisions tried for the ensemble-mean Dirichlet
 PRECISIONS = (1, 3, 10, 30, 100, 300, 1e3, 1e4, 1e5, 1e6)
@@ -46,10 +47,8 @@ def setup_task(data, checkpoint):
 @torch.no_grad()
 def collect(task, teachers, students, subset, smoothing):
     """(mean_probs, mean_log_probs, mkl, epkl) of the ensemble and each student's logits, over the split."""
-    task.load_dataset(subset)
-    itr = task.get_batch_iterator(task.dataset(subset), max_tokens=4000, required_batch_size_multiple=1)
     stats, logits = [], [[] for _ in students]
-    for sample in itr.next_epoch_itr(shuffle=False):
+    for sample in batches(task, subset, max_tokens=4000):
         mask = sample["target"].ne(task.target_dictionary.pad())
         acc = EnsembleAccumulator()
         for model in teachers:
